@@ -1,0 +1,79 @@
+"""The ``volunteer`` command: thin Typer commands that call into ``volunteer.client`` and ``volunteer.run``.
+
+Commands import their heavy dependencies (torch, the network stack) inside the function body so that
+``volunteer --help`` and ``volunteer --version`` stay instant.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from volunteer import __version__
+from volunteer.paths import Paths
+
+app = typer.Typer(
+    name="volunteer",
+    help="Donate this machine to a decentralized deep-learning run, or start one.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"volunteer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Donate this machine to a decentralized deep-learning run, or start one."""
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``message`` as an error and return the exit to raise."""
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+@app.command()
+def identity(
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Show this installation's peer identity (created on first use)."""
+    from coordinator_free_dht.errors import IdentityError
+    from coordinator_free_dht.identity import Identity
+
+    paths = Paths.default()
+    try:
+        ident, created = Identity.load_or_create(paths.identity_file)
+    except IdentityError as exc:
+        raise fail(str(exc)) from exc
+    info = {
+        "peer_id": str(ident.peer_id),
+        "public_key": ident.public_key.hex(),
+        "key_file": str(paths.identity_file),
+        "created": created,
+    }
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    if created:
+        typer.echo(f"Created a new identity in {paths.identity_file}")
+    typer.echo(f"peer id     {info['peer_id']}")
+    typer.echo(f"public key  {info['public_key']}")
+    typer.echo(f"key file    {info['key_file']}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
