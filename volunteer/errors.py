@@ -9,3 +9,19 @@ class VolunteerError(Exception):
 
 class ConfigError(VolunteerError):
     """Preferences or settings are invalid or cannot be read."""
+
+
+class ClientError(VolunteerError):
+    """The running client (runtime, control endpoint, status) refused or failed a request."""
+
+
+class AlreadyRunningError(ClientError):
+    """Another client is already running on this installation's identity."""
+
+
+class ControlError(ClientError):
+    """The control endpoint of a running client cannot be reached, or refused the request."""
+
+
+class StatusFormatError(ClientError):
+    """A status snapshot does not match its schema (wrong type, missing field, out of range)."""
