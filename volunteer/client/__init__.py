@@ -1,0 +1,1 @@
+"""The client: the composition root that runs everything on one machine (runtime), its status and control."""
