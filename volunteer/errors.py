@@ -25,3 +25,8 @@ class ControlError(ClientError):
 
 class StatusFormatError(ClientError):
     """A status snapshot does not match its schema (wrong type, missing field, out of range)."""
+
+
+class TensorError(VolunteerError):
+    """A tensor could not be encoded, or bytes from the wire do not describe a valid tensor (bad header,
+    unknown dtype or codec, sizes over the limits, payload inconsistent with its header)."""
