@@ -126,3 +126,30 @@ class RemoteError(RPCError):
         self.method = method
         where = f" in {method}" if method else ""
         super().__init__(f"remote {remote_type}{where}: {message}")
+
+
+# --- dht core ---------------------------------------------------------------------------------------
+
+
+class DHTProtocolError(ProtocolError):
+    """A DHT request or reply broke the message schema or a size limit; the node answers with an error."""
+
+
+class ValidationError(DHTError, ValueError):
+    """A record was refused by a validator (bad owner signature, wrong schema, too large)."""
+
+
+class ClockSkewError(DHTError):
+    """A peer's wall clock differs from ours by more than the allowed limit, so its expirations are unusable."""
+
+
+class StoreRejectedError(DHTError):
+    """A STORE was refused as a whole by a local limit rather than by a validator."""
+
+
+class RateLimitedError(StoreRejectedError):
+    """The sending peer exceeded its STORE rate limit; retry later."""
+
+
+class StorageFullError(StoreRejectedError):
+    """Storage is full and the incoming record would expire before everything already stored."""
