@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import itertools
 import math
@@ -277,6 +278,12 @@ def _kind(annotation: Any) -> type[Any]:
 
 def describe_fields() -> list[FieldInfo]:
     """Every preference with its type, default, allowed range and help, in file order."""
+    return list(_described())
+
+
+@functools.cache
+def _described() -> tuple[FieldInfo, ...]:
+    # Cached: the classes never change, and reading docstrings from source is not free.
     defaults = Preferences()
     infos: list[FieldInfo] = []
     for section, cls in SECTIONS.items():
@@ -296,11 +303,11 @@ def describe_fields() -> list[FieldInfo]:
                     help=docs.get(f.name, ""),
                 )
             )
-    return infos
+    return tuple(infos)
 
 
 def _field_index() -> dict[str, FieldInfo]:
-    return {info.key: info for info in describe_fields()}
+    return {info.key: info for info in _described()}
 
 
 # ---------------------------------------------------------------------------------------------- validation
