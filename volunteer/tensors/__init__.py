@@ -1,0 +1,1 @@
+"""Tensor wire format and compression codecs: see :mod:`.serialization` and :mod:`.codecs`."""
