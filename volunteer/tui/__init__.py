@@ -1,0 +1,1 @@
+"""The Textual dashboard: renders status snapshots and sends control commands. Nothing else."""
