@@ -197,7 +197,7 @@ class Storage:
     def __len__(self) -> int:
         return len(self._slots)
 
-    def keys(self) -> Iterator[int]:
+    def key_ids(self) -> Iterator[int]:
         """Ids of every key held (possibly with expired data not yet collected)."""
         return iter(list(self._slots))
 
