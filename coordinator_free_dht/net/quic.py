@@ -1,0 +1,1044 @@
+"""The QUIC transport: authenticated connections over UDP with aioquic (the only module that imports it).
+
+Design, after aioquic's own split: :class:`aioquic.quic.connection.QuicConnection` is a sans-I/O state
+machine (datagrams, timers and API calls in; datagrams and events out). This module is the thin asyncio
+driver around it: one UDP socket per endpoint, connections demultiplexed by connection id, one timer
+handle per connection, and a *flush* that runs once per event-loop turn for every connection that changed.
+Writes only append to aioquic's buffers and mark the connection dirty, so many writes in one turn leave as
+one batch of datagrams (the per-packet Python cost, not the per-write cost, is what QUIC pays).
+
+Authentication: **TLS 1.3 client certificates**, so both ends are authenticated inside the handshake with
+no extra round trip and no home-made challenge protocol. Each side presents the self-signed certificate
+of :mod:`coordinator_free_dht.net.certs`; TLS makes it sign the handshake transcript with its Ed25519 key
+(CertificateVerify), which aioquic checks on both sides. aioquic's CA verification is switched off
+(``verify_mode=CERT_NONE``); instead, once the handshake completes, each side derives the peer id from
+the certificate the other presented (:func:`~coordinator_free_dht.net.certs.peer_id_from_certificate`).
+The dialer compares it with the peer it meant to reach (:class:`PeerMismatchError` otherwise); the
+listener records it before any stream reaches the handler, and refuses a dialer that sent no certificate.
+
+aioquic 1.7 implements the client-certificate exchange in its TLS engine but exposes neither the server's
+switch to request one nor the peer's certificate publicly, and it has no application-driven receive
+flow control (it raises windows as data *arrives*, not as it is read). The few private names this module
+relies on are confined to :class:`_DrivenQuic` and :func:`_quic_internals_ok` (checked on construction, so
+an incompatible aioquic fails loudly rather than silently unauthenticated):
+
+- ``tls.Context._request_client_certificate`` (set on the server) and ``tls.Context._peer_certificate``;
+- ``QuicConnection._write_stream_limits`` (overridden: a stream's receive window is ``consumed + window``,
+  so a slow reader slows the writer), ``_streams`` (a stream's unsent bytes, for write backpressure) and
+  ``_local_max_streams_bidi`` / ``_local_max_streams_uni`` (the concurrent stream limit).
+
+Performance: aioquic spends ~150 CPU-seconds per GB at 1200-byte datagrams; the cost is per packet, so
+``max_datagram_size`` is configurable. 1200 stays the default because it is safe on any internet path (no
+path-MTU probing here); larger sizes are for loopback and known LANs. Bulk tensor traffic uses ``tls.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import logging
+import socket
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self, cast
+
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from aioquic._buffer
+from aioquic.quic import events as qe
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, NetworkAddress, QuicConnection
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, pull_quic_header
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream as _AioStream
+from cryptography import x509
+
+from coordinator_free_dht.errors import (
+    ConnectionLostError,
+    DHTError,
+    DialError,
+    DialTimeoutError,
+    HandshakeError,
+    ListenError,
+    PeerMismatchError,
+    StreamClosedError,
+    StreamResetError,
+    TransportClosedError,
+    TransportError,
+)
+from coordinator_free_dht.identity import Identity, PeerID
+from coordinator_free_dht.net import certs
+from coordinator_free_dht.net.transport import Address, Connection, Stream, StreamHandler, Transport
+
+__all__ = ["QuicConfig", "QuicConnectionHandle", "QuicStream", "QuicTransport"]
+
+logger = logging.getLogger(__name__)
+
+_CID_LENGTH = 8
+_MIN_INITIAL_SIZE = 1200  # RFC 9000 section 14.1: a client's Initial datagram is at least this long
+_RESET_CODE = 0x1  # application error code for a reset stream
+_MISMATCH_CODE = 0x2  # application error code: the peer proved the wrong identity
+_NO_CERT_CODE = 0x3  # application error code: the dialer presented no usable certificate
+_SUPPORTED_VERSIONS = frozenset(QuicConfiguration().supported_versions)
+
+
+@dataclass(frozen=True, slots=True)
+class QuicConfig:
+    """Settings of one :class:`QuicTransport`. Defaults suit internet paths and a DHT's control traffic."""
+
+    alpn: str = "cfdht/1"
+    """ALPN protocol name; both ends must agree or the TLS handshake fails."""
+
+    idle_timeout: float = 30.0
+    """Seconds without any packet from the peer after which the connection is considered dead."""
+
+    keepalive_interval: float = 10.0
+    """Seconds of silence after which a PING is sent, so live idle connections are not timed out.
+    Must be below half of ``idle_timeout``."""
+
+    handshake_timeout: float = 10.0
+    """Seconds a dial (or an inbound handshake) may take before it fails with ``DialTimeoutError``."""
+
+    max_datagram_size: int = 1200
+    """Largest UDP payload sent, in bytes. 1200 is safe on every internet path; larger values (up to
+    65527) cut aioquic's per-packet CPU cost but only belong on loopback or known LANs."""
+
+    max_concurrent_streams: int = 128
+    """Bidirectional streams the peer may have open towards us at once; more wait for a slot."""
+
+    stream_receive_window: int = 1 << 20
+    """Bytes a peer may send on one stream beyond what our reader consumed (per-stream flow control)."""
+
+    connection_receive_window: int = 16 << 20
+    """Initial connection-wide flow control limit in bytes (aioquic raises it as data is consumed)."""
+
+    send_high_watermark: int = 256 << 10
+    """``write`` waits while more than this many bytes of the stream are buffered but not yet sent."""
+
+    send_low_watermark: int = 64 << 10
+    """A waiting ``write`` resumes once the stream's unsent bytes fall to this many."""
+
+    max_pending_handshakes: int = 256
+    """Inbound handshakes in progress at once; further new connection attempts are dropped."""
+
+    socket_buffer_bytes: int = 4 << 20
+    """Requested UDP socket send/receive buffer size (the OS may cap it)."""
+
+    def __post_init__(self) -> None:
+        if not 1200 <= self.max_datagram_size <= 65527:
+            raise ValueError(f"max_datagram_size must be in 1200..65527, got {self.max_datagram_size}")
+        if not 0 < self.keepalive_interval < self.idle_timeout / 2:
+            raise ValueError("keepalive_interval must be positive and below half of idle_timeout")
+        if self.handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive")
+        if not 0 < self.send_low_watermark <= self.send_high_watermark:
+            raise ValueError("send watermarks must satisfy 0 < low <= high")
+        if self.stream_receive_window < 4096 or self.connection_receive_window < self.stream_receive_window:
+            raise ValueError("receive windows must be >= 4096 and connection >= stream window")
+        if self.max_concurrent_streams < 1 or self.max_pending_handshakes < 1:
+            raise ValueError("max_concurrent_streams and max_pending_handshakes must be >= 1")
+        if not self.alpn:
+            raise ValueError("alpn must not be empty")
+
+
+def _quic_internals_ok() -> bool:
+    """True if the installed aioquic still has the private names this module relies on."""
+    return all(
+        hasattr(QuicConnection, name)
+        for name in ("_write_stream_limits", "_initialize", "_on_max_stream_data_delivery")
+    ) and hasattr(_AioStream(stream_id=0, max_stream_data_local=1, max_stream_data_remote=1).sender, "highest_offset")
+
+
+class _DrivenQuic(QuicConnection):
+    """aioquic's connection with mutual TLS and receive windows that follow what the reader consumed."""
+
+    def __init__(self, *, configuration: QuicConfiguration, quic_config: QuicConfig, **kwargs: Any) -> None:
+        super().__init__(configuration=configuration, **kwargs)
+        self.consumed: dict[int, int] = {}
+        self._window = quic_config.stream_receive_window
+        # ``sent`` too: it is what the transport parameters announce, and MAX_STREAMS updates compare to it.
+        bidi = self._local_max_streams_bidi
+        bidi.value = bidi.sent = quic_config.max_concurrent_streams
+        # We never use unidirectional streams; a peer opening one is a protocol error.
+        uni = self._local_max_streams_uni
+        uni.value = uni.sent = 0
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            self.tls._request_client_certificate = True
+
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The certificate the peer presented in the handshake, if any."""
+        cert = getattr(self.tls, "_peer_certificate", None)
+        return cert if isinstance(cert, x509.Certificate) else None
+
+    def unsent(self, stream_id: int, written: int) -> int:
+        """Bytes written to ``stream_id`` that have not been sent yet."""
+        stream = self._streams.get(stream_id)
+        return 0 if stream is None else max(0, written - stream.sender.highest_offset)
+
+    def stream_count(self) -> int:
+        """Streams whose state aioquic still holds."""
+        return len(self._streams)
+
+    def knows_stream(self, stream_id: int) -> bool:
+        """False once aioquic discarded the stream's state (both directions finished)."""
+        return stream_id in self._streams
+
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: _AioStream) -> None:
+        stream_id = stream.stream_id
+        consumed = None if stream_id is None else self.consumed.get(stream_id)
+        if stream_id is None or consumed is None or not stream.max_stream_data_local or stream.receiver.is_finished:
+            return
+        target = consumed + self._window
+        # Hysteresis: grant in steps of a quarter window, not one frame per read.
+        if target - stream.max_stream_data_local >= self._window // 4:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
+class QuicStream(Stream):
+    """One bidirectional QUIC stream, with write backpressure and reader-driven flow control."""
+
+    def __init__(self, conn: QuicConnectionHandle, stream_id: int) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._write_closed = False
+        self._error: TransportError | None = None
+        self._reset_sent = False
+        self._discard = False
+        self._written = 0
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+
+    @property
+    def connection(self) -> QuicConnectionHandle:
+        """The connection this stream belongs to."""
+        return self._conn
+
+    @property
+    def is_done(self) -> bool:
+        """True once both directions ended (FIN both ways) or the stream failed."""
+        return self._error is not None or (self._eof and self._write_closed and not self._chunks)
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes`` bytes; ``b""`` after the peer's FIN. Raises on reset or a lost connection."""
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        while True:
+            if isinstance(self._error, StreamResetError) or (self._error is not None and not self._eof):
+                raise self._error
+            if self._chunks:
+                return self._take(max_bytes)
+            if self._eof:
+                return b""
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+
+    def _take(self, max_bytes: int) -> bytes:
+        first = self._chunks[0]
+        if len(first) <= max_bytes:
+            self._chunks.popleft()
+            out = first
+        else:
+            out, self._chunks[0] = first[:max_bytes], first[max_bytes:]
+        self._conn._on_consumed(self.stream_id, len(out))
+        return out
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data``; waits while the stream's unsent bytes are above the high watermark."""
+        view = memoryview(data).cast("B")
+        self._check_writable()
+        step = self._conn._config.send_high_watermark
+        for start in range(0, len(view), step):
+            self._check_writable()
+            chunk = bytes(view[start : start + step])
+            self._conn._quic.send_stream_data(self.stream_id, chunk)
+            self._written += len(chunk)
+            self._conn._schedule()
+            await self._wait_writable()
+
+    def _check_writable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._write_closed:
+            raise StreamClosedError("write after write_eof on this stream")
+
+    async def _wait_writable(self) -> None:
+        config = self._conn._config
+        if self._conn._quic.unsent(self.stream_id, self._written) <= config.send_high_watermark:
+            return
+        while (
+            self._error is None and self._conn._quic.unsent(self.stream_id, self._written) > config.send_low_watermark
+        ):
+            self._write_waiter = asyncio.get_running_loop().create_future()
+            self._conn._blocked_writers.add(self)
+            try:
+                await self._write_waiter
+            finally:
+                self._write_waiter = None
+                self._conn._blocked_writers.discard(self)
+        if self._error is not None:
+            raise self._error
+
+    async def write_eof(self) -> None:
+        """Half-close our direction (FIN). Idempotent; raises if the stream already failed."""
+        if self._write_closed:
+            return
+        if self._error is not None:
+            raise self._error
+        self._write_closed = True
+        self._conn._quic.send_stream_data(self.stream_id, b"", end_stream=True)
+        self._conn._schedule()
+        self._conn._maybe_finished(self)
+
+    def reset(self) -> None:
+        """Abort both directions (RESET_STREAM + STOP_SENDING). Idempotent, never raises."""
+        if self._error is None:
+            self._fail(StreamResetError("stream was reset locally"))
+        self._send_reset()
+
+    def _send_reset(self) -> None:
+        if self._reset_sent or self._conn.is_closed:
+            return
+        self._reset_sent = True
+        quic = self._conn._quic
+        with contextlib.suppress(ValueError, AssertionError):
+            if not self._write_closed:
+                quic.reset_stream(self.stream_id, _RESET_CODE)
+        with contextlib.suppress(ValueError, AssertionError):
+            if not self._eof:
+                quic.stop_stream(self.stream_id, _RESET_CODE)
+        self._conn._schedule()
+
+    # --- driven by the connection ---------------------------------------------------------------
+
+    def _on_data(self, data: bytes, end_stream: bool) -> None:
+        if self._error is not None or self._discard:
+            if data:
+                self._conn._on_consumed(self.stream_id, len(data))
+        elif data:
+            self._chunks.append(data)
+        if end_stream:
+            self._eof = True
+        self._wake_reader()
+        self._conn._maybe_finished(self)
+
+    def _fail(self, error: TransportError) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        if isinstance(error, StreamResetError) or not self._eof:
+            self._chunks.clear()
+        self._wake_reader()
+        self._wake_writer()
+        self._conn._maybe_finished(self)
+
+    def _detach(self) -> None:
+        """The handler is done with this stream: drop (and grant window for) anything still arriving."""
+        self._discard = True
+        while self._chunks:
+            self._conn._on_consumed(self.stream_id, len(self._chunks.popleft()))
+
+    def _wake_reader(self) -> None:
+        if self._read_waiter is not None and not self._read_waiter.done():
+            self._read_waiter.set_result(None)
+
+    def _wake_writer(self) -> None:
+        if self._write_waiter is not None and not self._write_waiter.done():
+            self._write_waiter.set_result(None)
+
+    def __repr__(self) -> str:
+        return f"QuicStream({self.stream_id} to {self._conn})"
+
+
+class QuicConnectionHandle(Connection):
+    """One authenticated QUIC connection to a peer, driven by its :class:`_Endpoint`."""
+
+    def __init__(
+        self,
+        transport: QuicTransport,
+        endpoint: _Endpoint,
+        quic: _DrivenQuic,
+        remote: NetworkAddress,
+        expected_peer: PeerID | None,
+    ) -> None:
+        self._transport = transport
+        self._endpoint = endpoint
+        self._quic = quic
+        self._config = transport._config
+        self._remote_addr = remote
+        self._expected_peer = expected_peer
+        self._remote_peer: PeerID | None = None
+        self._loop = asyncio.get_running_loop()
+        self.handshake: asyncio.Future[None] = self._loop.create_future()
+        self.handshake.add_done_callback(_retrieve)
+        self._streams: dict[int, QuicStream] = {}
+        self._finished: set[int] = set()
+        self._blocked_writers: set[QuicStream] = set()
+        self._cids: set[bytes] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._closed = False
+        self._superseded = False
+        self._close_error: TransportError | None = None
+        self.last_received = self._loop.time()
+        self._ping_ids = itertools.count()
+        self._consumed_pending = False
+
+    # --- Connection interface ----------------------------------------------------------------------
+
+    @property
+    def local_peer(self) -> PeerID:
+        """Our own peer id."""
+        return self._transport.local_peer
+
+    @property
+    def remote_peer(self) -> PeerID:
+        """The verified peer id of the other end."""
+        if self._remote_peer is None:
+            raise TransportError("the connection is not authenticated yet")
+        return self._remote_peer
+
+    @property
+    def remote_address(self) -> Address:
+        """The other end's UDP address as seen from here."""
+        return Address("quic", str(self._remote_addr[0]), int(self._remote_addr[1]))
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the connection can no longer carry streams."""
+        return self._closed
+
+    @property
+    def is_client(self) -> bool:
+        """True if we dialed this connection."""
+        return bool(self._quic.configuration.is_client)
+
+    async def open_stream(self) -> QuicStream:
+        """Open a new bidirectional stream; the peer sees it once the first byte (or FIN) is written."""
+        if self._closed:
+            raise self._close_error or TransportClosedError("the connection is closed")
+        if self._remote_peer is None:
+            raise TransportError("the connection is not authenticated yet")
+        stream_id = self._quic.get_next_available_stream_id()
+        self._quic.send_stream_data(stream_id, b"")  # reserves the id
+        stream = QuicStream(self, stream_id)
+        self._streams[stream_id] = stream
+        self._quic.consumed[stream_id] = 0
+        return stream
+
+    async def aclose(self) -> None:
+        """Send CONNECTION_CLOSE and fail every stream with ``ConnectionLostError``. Idempotent."""
+        self.close_now("closed by the local side")
+
+    # --- driver -----------------------------------------------------------------------------------
+
+    def close_now(self, reason: str, error_code: int = QuicErrorCode.NO_ERROR) -> None:
+        """Close immediately: queue CONNECTION_CLOSE, flush it, and tear down local state."""
+        if self._closed:
+            return
+        self._quic.close(error_code=error_code, reason_phrase=reason)
+        self._flush()
+        self._terminate(ConnectionLostError(f"connection to {self._peer_text()} closed: {reason}"))
+
+    def _schedule(self) -> None:
+        self._transport._mark_dirty(self)
+
+    def receive(self, data: bytes, addr: NetworkAddress) -> None:
+        """Feed one datagram from the socket."""
+        if self._closed:
+            return
+        self.last_received = self._loop.time()
+        try:
+            self._quic.receive_datagram(data, addr, now=self.last_received)
+        except Exception:  # aioquic should never raise here; if it does, lose this connection only
+            logger.exception("aioquic failed on a datagram from %s; closing that connection", addr)
+            self.close_now("internal error", QuicErrorCode.INTERNAL_ERROR)
+            return
+        self._schedule()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self._closed:
+            return
+        self._quic.handle_timer(now=self._loop.time())
+        self._flush()
+
+    def _flush(self) -> None:
+        """Handle aioquic's events, send what it has, re-arm the timer, wake writers that have room."""
+        if self._closed:
+            return
+        while (event := self._quic.next_event()) is not None:
+            self._on_event(event)
+            if self.is_closed:  # the event ended the connection
+                return
+        streams_before = self._quic.stream_count()
+        for data, addr in self._quic.datagrams_to_send(now=self._loop.time()):
+            self._endpoint.sendto(data, addr)
+        if self._quic.stream_count() < streams_before:
+            # aioquic discards finished streams while building packets and only then raises MAX_STREAMS;
+            # build once more so the peer's blocked streams get their slots now, not at the next packet.
+            for data, addr in self._quic.datagrams_to_send(now=self._loop.time()):
+                self._endpoint.sendto(data, addr)
+        self._arm_timer()
+        if self._blocked_writers:
+            low = self._config.send_low_watermark
+            for stream in list(self._blocked_writers):
+                if self._quic.unsent(stream.stream_id, stream._written) <= low:
+                    stream._wake_writer()
+        if self._finished:
+            for stream_id in [s for s in self._finished if not self._quic.knows_stream(s)]:
+                self._finished.discard(stream_id)
+                self._streams.pop(stream_id, None)
+                self._quic.consumed.pop(stream_id, None)
+            if self._superseded and not self._streams:
+                self.close_now("superseded by another connection to the same peer")
+
+    def _arm_timer(self) -> None:
+        try:
+            when = self._quic.get_timer()
+        except TypeError:  # aioquic before its first packet has no idle deadline yet
+            when = None
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_event(self, event: qe.QuicEvent) -> None:
+        if isinstance(event, qe.StreamDataReceived):
+            self._on_stream_data(event)
+        elif isinstance(event, qe.StreamReset | qe.StopSendingReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._fail(StreamResetError(f"stream reset by {self._peer_text()} (code {event.error_code})"))
+                stream._send_reset()
+        elif isinstance(event, qe.HandshakeCompleted):
+            self._on_handshake()
+        elif isinstance(event, qe.ConnectionIdIssued):
+            self._cids.add(event.connection_id)
+            self._endpoint.cids[event.connection_id] = self
+        elif isinstance(event, qe.ConnectionIdRetired):
+            self._cids.discard(event.connection_id)
+            self._endpoint.cids.pop(event.connection_id, None)
+        elif isinstance(event, qe.ConnectionTerminated):
+            reason = event.reason_phrase or f"error code 0x{event.error_code:x}"
+            if self._remote_peer is None:
+                self._terminate(HandshakeError(f"handshake with {self._peer_text()} failed: {reason}"))
+            else:
+                self._terminate(ConnectionLostError(f"connection to {self._peer_text()} lost: {reason}"))
+
+    def _on_handshake(self) -> None:
+        cert = self._quic.peer_certificate()
+        if cert is None:
+            self._reject(HandshakeError("the peer presented no certificate"), _NO_CERT_CODE)
+            return
+        try:
+            peer = certs.peer_id_from_certificate(cert)
+        except HandshakeError as exc:
+            self._reject(exc, _NO_CERT_CODE)
+            return
+        if self._expected_peer is not None and peer != self._expected_peer:
+            self._reject(
+                PeerMismatchError(
+                    f"dialed {self.remote_address} expecting peer {self._expected_peer} but it proved to be peer {peer}"
+                ),
+                _MISMATCH_CODE,
+            )
+            return
+        if peer == self.local_peer:
+            self._reject(HandshakeError("the peer presented our own identity"), _MISMATCH_CODE)
+            return
+        self._remote_peer = peer
+        if not self.handshake.done():
+            self.handshake.set_result(None)
+        self._transport._on_established(self)
+
+    def _reject(self, error: DialError, code: int) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(error)
+        logger.info("rejecting QUIC connection from %s: %s", self._remote_addr, error)
+        self._quic.close(error_code=code, reason_phrase=type(error).__name__)
+        for data, addr in self._quic.datagrams_to_send(now=self._loop.time()):
+            self._endpoint.sendto(data, addr)
+        self._terminate(error)
+
+    def _on_stream_data(self, event: qe.StreamDataReceived) -> None:
+        if self._remote_peer is None:
+            self.close_now("stream data before authentication", QuicErrorCode.PROTOCOL_VIOLATION)
+            return
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            # aioquic only reports data for streams whose state it still holds, and we keep ours as long
+            # as it does, so an unknown id is a new stream opened by the peer.
+            stream = QuicStream(self, event.stream_id)
+            self._streams[event.stream_id] = stream
+            self._quic.consumed[event.stream_id] = 0
+            stream._on_data(event.data, event.end_stream)
+            self._transport._spawn_handler(stream)
+        else:
+            stream._on_data(event.data, event.end_stream)
+
+    def _on_consumed(self, stream_id: int, n: int) -> None:
+        consumed = self._quic.consumed
+        if stream_id in consumed:
+            consumed[stream_id] += n
+            self._schedule()
+
+    def _maybe_finished(self, stream: QuicStream) -> None:
+        if stream.is_done:
+            self._finished.add(stream.stream_id)
+            self._schedule()
+
+    def _terminate(self, error: TransportError) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._close_error = error
+        if not self.handshake.done():
+            self.handshake.set_exception(error)
+        for stream in list(self._streams.values()):
+            stream._fail(error)
+        self._streams.clear()
+        self._blocked_writers.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for cid in self._cids:
+            if self._endpoint.cids.get(cid) is self:
+                del self._endpoint.cids[cid]
+        self._cids.clear()
+        self._transport._on_terminated(self)
+
+    def register_cid(self, cid: bytes) -> None:
+        """Route datagrams addressed to ``cid`` to this connection."""
+        self._cids.add(cid)
+        self._endpoint.cids[cid] = self
+
+    def send_ping(self) -> None:
+        """Queue a PING (keepalive)."""
+        if not self._closed:
+            self._quic.send_ping(next(self._ping_ids))
+            self._schedule()
+
+    def _peer_text(self) -> str:
+        peer = self._remote_peer or self._expected_peer
+        return f"{peer} at {self.remote_address}" if peer is not None else str(self.remote_address)
+
+    def __repr__(self) -> str:
+        return f"QuicConnectionHandle({self._peer_text()}, closed={self._closed})"
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    """One UDP socket: routes datagrams to connections by destination connection id."""
+
+    def __init__(self, transport: QuicTransport, accept: bool) -> None:
+        self._owner = transport
+        self.accept = accept
+        self.cids: dict[bytes, QuicConnectionHandle] = {}
+        self.udp: asyncio.DatagramTransport | None = None
+        self.local: tuple[str, int] = ("", 0)
+        self.family = socket.AF_INET
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Remember the socket and enlarge its buffers."""
+        self.udp = cast(asyncio.DatagramTransport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            size = self._owner._config.socket_buffer_bytes
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, size)
+            name = sock.getsockname()
+            self.local = (str(name[0]), int(name[1]))
+            self.family = sock.family
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        """Route one datagram; anything unparseable or unexpected is dropped."""
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
+        except Exception as exc:  # aioquic raises assorted errors on garbage
+            logger.debug("dropping an unparseable datagram from %s: %s", addr, exc)
+            return
+        conn = self.cids.get(header.destination_cid)
+        if conn is not None:
+            conn.receive(data, addr)
+            return
+        if (
+            self.accept
+            and header.packet_type == QuicPacketType.INITIAL
+            and header.version in _SUPPORTED_VERSIONS
+            and len(data) >= _MIN_INITIAL_SIZE
+        ):
+            self._owner._accept(self, header.destination_cid, data, addr)
+        else:
+            logger.debug("dropping a datagram for an unknown connection from %s", addr)
+
+    def error_received(self, exc: Exception) -> None:
+        """ICMP errors on an unconnected socket say little about which peer; idle timeouts handle it."""
+        logger.debug("UDP error on %s: %s", self.local, exc)
+
+    def sendto(self, data: bytes, addr: NetworkAddress) -> None:
+        """Send one datagram if the socket is still open."""
+        if self.udp is not None and not self.udp.is_closing():
+            self.udp.sendto(data, addr)
+
+    def close(self) -> None:
+        """Close the socket."""
+        if self.udp is not None:
+            self.udp.close()
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as retrieved (waiters may all have been cancelled)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class QuicTransport(Transport):
+    """Listens for and dials QUIC connections authenticated by Ed25519 peer identities.
+
+    ``async with QuicTransport(identity, handler) as t: await t.listen(...)``; leaving the block closes
+    every connection, cancels every handler and closes the sockets.
+    """
+
+    kind = "quic"
+
+    def __init__(self, identity: Identity, handler: StreamHandler, config: QuicConfig | None = None) -> None:
+        if not _quic_internals_ok():
+            raise TransportError("the installed aioquic lacks internals this transport relies on; see net/quic.py")
+        self._identity = identity
+        self._handler = handler
+        self._config = config or QuicConfig()
+        self._certificate = certs.make_certificate(identity)
+        self._endpoints: list[_Endpoint] = []
+        self._listen: list[Address] = []
+        self._peers: dict[PeerID, QuicConnectionHandle] = {}
+        self._all: set[QuicConnectionHandle] = set()
+        self._pending_inbound = 0
+        self._dials: dict[PeerID, asyncio.Future[QuicConnectionHandle]] = {}
+        self._dirty: dict[QuicConnectionHandle, None] = {}
+        self._flush_scheduled = False
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- Transport interface ----------------------------------------------------------------------
+
+    @property
+    def local_peer(self) -> PeerID:
+        """Our own peer id."""
+        return self._identity.peer_id
+
+    @property
+    def listen_addresses(self) -> list[Address]:
+        """Addresses we accept connections on."""
+        return list(self._listen)
+
+    @property
+    def config(self) -> QuicConfig:
+        """This transport's settings."""
+        return self._config
+
+    async def __aenter__(self) -> Self:
+        if self._tg is not None:
+            raise TransportError("a QuicTransport can be entered once")
+        self._loop = asyncio.get_running_loop()
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._track(self._tg.create_task(self._keepalive()))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._closing = True
+        try:
+            for conn in list(self._all):
+                conn.close_now("transport shutting down")
+            for task in list(self._tasks):
+                task.cancel()
+            for fut in self._dials.values():
+                fut.cancel()
+            if self._tg is not None:
+                await self._tg.__aexit__(exc_type, exc, tb)
+        finally:
+            for endpoint in self._endpoints:
+                endpoint.close()
+            self._endpoints.clear()
+            self._listen.clear()
+
+    async def listen(self, host: str = "127.0.0.1", port: int = 0) -> Address:
+        """Bind a UDP socket on ``host:port`` and accept connections there; returns the bound address."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await loop.create_datagram_endpoint(
+                lambda: _Endpoint(self, accept=True), local_addr=(host, port)
+            )
+        except OSError as exc:
+            raise ListenError(f"cannot listen on quic://{host}:{port}: {exc.strerror or exc}") from exc
+        endpoint = protocol
+        self._endpoints.append(endpoint)
+        address = Address("quic", endpoint.local[0], endpoint.local[1])
+        self._listen.append(address)
+        logger.info("QUIC listening on %s as %s", address, self.local_peer.short())
+        return address
+
+    def connection_to(self, peer: PeerID) -> QuicConnectionHandle | None:
+        """The live connection to ``peer``, if any."""
+        conn = self._peers.get(peer)
+        return conn if conn is not None and not conn.is_closed else None
+
+    async def connect(self, address: Address, expected_peer: PeerID) -> QuicConnectionHandle:
+        """The live connection to ``expected_peer``, else dial ``address`` (concurrent dials share one)."""
+        self._check_open()
+        if address.kind != "quic":
+            raise DialError(f"a QUIC transport cannot dial {address}")
+        if expected_peer == self.local_peer:
+            raise DialError("refusing to dial our own peer id")
+        live = self.connection_to(expected_peer)
+        if live is not None:
+            return live
+        fut = self._dials.get(expected_peer)
+        if fut is None:
+            assert self._tg is not None
+            fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(_retrieve)
+            self._dials[expected_peer] = fut
+            self._track(self._tg.create_task(self._dial(address, expected_peer, fut)))
+        return await asyncio.shield(fut)
+
+    # --- dialing ----------------------------------------------------------------------------------
+
+    async def _dial(self, address: Address, expected: PeerID, fut: asyncio.Future[QuicConnectionHandle]) -> None:
+        try:
+            conn = await self._do_dial(address, expected)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except DHTError as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+        except Exception as exc:  # translate anything unexpected at the boundary
+            logger.exception("unexpected error dialing %s", address)
+            if not fut.done():
+                fut.set_exception(DialError(f"dialing {address} failed: {exc}"))
+        else:
+            if not fut.done():
+                fut.set_result(self.connection_to(expected) or conn)
+        finally:
+            if self._dials.get(expected) is fut:
+                del self._dials[expected]
+
+    async def _do_dial(self, address: Address, expected: PeerID) -> QuicConnectionHandle:
+        loop = asyncio.get_running_loop()
+        timeout = self._config.handshake_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM)
+        except (OSError, TimeoutError) as exc:
+            raise DialError(f"cannot resolve {address}: {exc}") from exc
+        family, _, _, _, sockaddr = infos[0]
+        remote = cast(NetworkAddress, sockaddr)
+        endpoint = await self._endpoint_for(family, str(sockaddr[0]))
+        configuration = self._quic_configuration(is_client=True)
+        quic = _DrivenQuic(configuration=configuration, quic_config=self._config)
+        conn = QuicConnectionHandle(self, endpoint, quic, remote, expected)
+        self._all.add(conn)
+        conn.register_cid(quic.host_cid)
+        quic.connect(remote, now=loop.time())
+        conn._flush()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(conn.handshake)
+        except TimeoutError as exc:
+            conn.close_now("handshake timeout")
+            raise DialTimeoutError(f"no QUIC handshake with {expected} at {address} within {timeout:g} s") from exc
+        except asyncio.CancelledError:
+            conn.close_now("dial cancelled")
+            raise
+        return conn
+
+    async def _endpoint_for(self, family: int, host: str) -> _Endpoint:
+        loopback = _is_loopback(host)
+        for endpoint in self._endpoints:
+            if endpoint.family != family:
+                continue
+            bound = endpoint.local[0]
+            unspecified = bound in ("0.0.0.0", "::")
+            if unspecified or _is_loopback(bound) == loopback:
+                return endpoint
+        bind_host = ("127.0.0.1" if family == socket.AF_INET else "::1") if loopback else ""
+        bind = "0.0.0.0" if family == socket.AF_INET and not bind_host else bind_host or "::"
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await loop.create_datagram_endpoint(
+                lambda: _Endpoint(self, accept=False), local_addr=(bind, 0), family=family
+            )
+        except OSError as exc:
+            raise DialError(f"cannot open a UDP socket to dial {host}: {exc.strerror or exc}") from exc
+        endpoint = protocol
+        self._endpoints.append(endpoint)
+        return endpoint
+
+    def _quic_configuration(self, is_client: bool) -> QuicConfiguration:
+        config = self._config
+        return QuicConfiguration(
+            alpn_protocols=[config.alpn],
+            is_client=is_client,
+            idle_timeout=config.idle_timeout,
+            max_datagram_size=config.max_datagram_size,
+            max_data=config.connection_receive_window,
+            max_stream_data=config.stream_receive_window,
+            connection_id_length=_CID_LENGTH,
+            certificate=self._certificate,
+            private_key=self._identity.private_key(),
+            # No CA: the certificate is self-signed; _on_handshake checks the peer id it proves.
+            verify_mode=ssl.CERT_NONE,
+        )
+
+    # --- accepting --------------------------------------------------------------------------------
+
+    def _accept(self, endpoint: _Endpoint, original_cid: bytes, data: bytes, addr: NetworkAddress) -> None:
+        if self._closing or self._loop is None:
+            return
+        if self._pending_inbound >= self._config.max_pending_handshakes:
+            logger.warning("dropping a QUIC connection attempt from %s: too many pending handshakes", addr)
+            return
+        quic = _DrivenQuic(
+            configuration=self._quic_configuration(is_client=False),
+            quic_config=self._config,
+            original_destination_connection_id=original_cid,
+        )
+        conn = QuicConnectionHandle(self, endpoint, quic, addr, None)
+        self._all.add(conn)
+        self._pending_inbound += 1
+        conn.handshake.add_done_callback(self._inbound_settled)
+        conn.register_cid(original_cid)
+        conn.register_cid(quic.host_cid)
+        timer = self._loop.call_later(self._config.handshake_timeout, self._inbound_deadline, conn)
+        conn.handshake.add_done_callback(lambda _: timer.cancel())
+        conn.receive(data, addr)
+
+    def _inbound_settled(self, _: asyncio.Future[None]) -> None:
+        self._pending_inbound -= 1
+
+    @staticmethod
+    def _inbound_deadline(conn: QuicConnectionHandle) -> None:
+        if not conn.handshake.done():
+            conn.close_now("handshake timeout")
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+
+    def _mark_dirty(self, conn: QuicConnectionHandle) -> None:
+        self._dirty[conn] = None
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, {}
+        for conn in dirty:
+            conn._flush()
+
+    def _on_established(self, conn: QuicConnectionHandle) -> None:
+        peer = conn.remote_peer
+        logger.debug("QUIC connection %s established (%s)", conn, "outbound" if conn.is_client else "inbound")
+        current = self.connection_to(peer)
+        if current is None or current is conn:
+            self._peers[peer] = conn
+            return
+
+        # Two connections to one peer (simultaneous dials): both sides keep the one dialed by the smaller
+        # peer id, so they agree without talking; the other closes once its streams are done.
+        def dialer(c: QuicConnectionHandle) -> PeerID:
+            return self.local_peer if c.is_client else c.remote_peer
+
+        keep, drop = (conn, current) if dialer(conn) < dialer(current) else (current, conn)
+        self._peers[peer] = keep
+        drop._superseded = True
+        if not drop._streams:
+            drop._schedule()
+
+    def _on_terminated(self, conn: QuicConnectionHandle) -> None:
+        self._all.discard(conn)
+        self._dirty.pop(conn, None)
+        if conn._remote_peer is not None and self._peers.get(conn._remote_peer) is conn:
+            del self._peers[conn._remote_peer]
+
+    def _spawn_handler(self, stream: QuicStream) -> None:
+        if self._tg is None or self._closing:
+            stream.reset()
+            return
+        self._track(self._tg.create_task(self._run_handler(stream)))
+
+    async def _run_handler(self, stream: QuicStream) -> None:
+        try:
+            await self._handler(stream)
+        except asyncio.CancelledError:
+            stream.reset()
+            raise
+        except Exception:
+            logger.exception("stream handler failed on %s", stream)
+            stream.reset()
+        else:
+            if not stream._write_closed:
+                stream.reset()
+            else:
+                stream._detach()
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _keepalive(self) -> None:
+        interval = self._config.keepalive_interval
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = loop.time()
+            for conn in list(self._peers.values()):
+                if now - conn.last_received >= interval:
+                    conn.send_ping()
+
+    def _check_open(self) -> None:
+        if self._tg is None:
+            raise TransportClosedError("enter the transport with `async with` before using it")
+        if self._closing:
+            raise TransportClosedError("the transport is closed")
