@@ -148,13 +148,13 @@ async def test_bad_requests_get_clear_errors_and_the_endpoint_keeps_serving(
 
 async def test_no_client_running_is_a_clear_error() -> None:
     paths = Paths.default()
-    with pytest.raises(ControlError, match="no running client found.*volunteer start"):
+    with pytest.raises(ControlError, match=r"no running client found.*volunteer start"):
         RemoteControl.from_paths(paths)
     # A control file left by a client that crashed: the port no longer answers.
     async with LoopbackServer(metrics_handler(full_snapshot)) as server:
         port = server.port
     dead = RemoteControl(ControlInfo(port, "t", 12345), timeout_s=2.0)
-    with pytest.raises(ControlError, match="pid 12345.*not answering"):
+    with pytest.raises(ControlError, match=r"pid 12345.*not answering"):
         await dead.status()
 
 
