@@ -1,0 +1,157 @@
+"""RPC over real QUIC on 127.0.0.1: two peers, sixteen peers all-to-all, the wrong peer, a peer killed mid-call."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from coordinator_free_dht.errors import (
+    CallCancelledError,
+    ConnectionLostError,
+    DeadlineExceededError,
+    PeerMismatchError,
+)
+from coordinator_free_dht.identity import Identity, PeerID
+from coordinator_free_dht.net.rpc import RPC, CallContext, PeerInfo, ServerCall
+from coordinator_free_dht.net.transport import Address
+from tests.rpc_helpers import Swarm, swarm
+
+
+@pytest.fixture
+async def net() -> AsyncIterator[Swarm]:
+    async with swarm("quic") as s:
+        yield s
+
+
+async def whoami(ctx: CallContext, request: Any) -> Any:
+    return {"you": str(ctx.peer), "request": request}
+
+
+async def total(call: ServerCall) -> None:
+    """Sum every number the caller streams, echoing running totals."""
+    running = 0
+    async for value in call:
+        running += value
+        await call.send(running)
+
+
+def serve(rpc: RPC) -> RPC:
+    rpc.register_unary("whoami", whoami)
+    rpc.register_stream("total", total)
+    return rpc
+
+
+async def test_two_peers_unary_and_streaming_both_ways(net: Swarm) -> None:
+    a = serve(net.make())
+    b = serve(net.make())
+    info_a, info_b = await net.start(a), await net.start(b)
+    assert [addr.kind for addr in info_a.addresses] == ["quic"]
+    # Mutual authentication: each handler sees the caller's verified id.
+    assert (await a.call_unary(info_b, "whoami", 1, timeout=10))["you"] == str(a.peer_id)
+    assert (await b.call_unary(info_a, "whoami", 2, timeout=10))["you"] == str(b.peer_id)
+    async with a.open_call(info_b, "total", timeout=10) as call:
+        assert call.path == "quic"
+        for value in range(1, 6):
+            await call.send(value)
+        await call.done_sending()
+        assert [x async for x in call] == [1, 3, 6, 10, 15]
+
+
+async def test_dialing_with_the_wrong_peer_id_fails_clearly(net: Swarm) -> None:
+    server = serve(net.make())
+    info = await net.start(server)
+    client, _ = await net.peer()
+    impostor = PeerInfo(Identity.generate().peer_id, info.addresses)
+    with pytest.raises(PeerMismatchError):
+        await client.call_unary(impostor, "whoami", 1, timeout=10)
+    assert (await client.call_unary(info, "whoami", 1, timeout=10))["you"] == str(client.peer_id)
+
+
+async def test_sixteen_peers_all_to_all(net: Swarm) -> None:
+    peers = [serve(net.make()) for _ in range(16)]
+    infos = [await net.start(p) for p in peers]
+
+    async def unary(src: RPC, dst: PeerInfo) -> None:
+        reply = await src.call_unary(dst, "whoami", str(dst.peer_id), timeout=60)
+        assert reply == {"you": str(src.peer_id), "request": str(dst.peer_id)}
+
+    async def streaming(src: RPC, dst: PeerInfo) -> None:
+        async with src.open_call(dst, "total", timeout=60) as call:
+            for value in range(10):
+                await call.send(value)
+            await call.done_sending()
+            replies = [x async for x in call]
+        assert replies[-1] == 45
+        assert len(replies) == 10
+
+    async with asyncio.TaskGroup() as tg:
+        for src in peers:
+            for dst in infos:
+                if dst.peer_id != src.peer_id:
+                    tg.create_task(unary(src, dst))
+                    tg.create_task(streaming(src, dst))
+
+
+_SERVER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from coordinator_free_dht.identity import Identity
+    from coordinator_free_dht.net.quic import QuicTransport
+    from coordinator_free_dht.net.rpc import RPC
+
+    async def stream_forever(call):
+        i = 0
+        while True:
+            await call.send_bytes(b"x" * 4096)
+            i += 1
+            await asyncio.sleep(0.001)
+
+    async def main():
+        identity = Identity.generate()
+        rpc = RPC(identity)
+        rpc.add_transport(QuicTransport(identity, rpc.handle_stream))
+        rpc.register_stream("forever", stream_forever)
+        async with rpc:
+            info = await rpc.listen("127.0.0.1", 0)
+            print(json.dumps({"peer": str(info.peer_id), "addr": str(info.addresses[0])}), flush=True)
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_peer_killed_mid_stream_fails_the_call_within_its_deadline(net: Swarm) -> None:
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", _SERVER_SCRIPT, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(30):
+            line = await process.stdout.readline()
+        announced = json.loads(line)
+        info = PeerInfo(PeerID.from_string(announced["peer"]), (Address.parse(announced["addr"]),))
+        client, _ = await net.peer()
+        received = 0
+
+        async def consume_then_kill() -> None:
+            nonlocal received
+            async with client.open_call(info, "forever", timeout=4) as call:
+                await call.done_sending()
+                async for chunk in call:
+                    received += len(chunk)
+                    if received >= 100_000 and process.returncode is None:
+                        process.kill()
+
+        # Nothing hangs: the call fails by its deadline at the latest (the QUIC idle timeout is 30 s).
+        with pytest.raises((DeadlineExceededError, ConnectionLostError, CallCancelledError)):
+            await consume_then_kill()
+        assert received >= 100_000
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
