@@ -16,6 +16,7 @@ import pytest
 
 from coordinator_free_dht.errors import (
     ConnectionLostError,
+    DialTimeoutError,
     PeerMismatchError,
     StreamClosedError,
     StreamResetError,
@@ -358,3 +359,16 @@ def test_config_validates() -> None:
         QuicConfig(idle_timeout=10, keepalive_interval=6)
     with pytest.raises(ValueError, match="watermark"):
         QuicConfig(send_low_watermark=10, send_high_watermark=5)
+
+
+async def test_dial_to_a_silent_port_times_out() -> None:
+    config = QuicConfig(idle_timeout=2.0, keepalive_interval=0.5, handshake_timeout=0.5)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        async with peer(config=config) as (client, _):
+            target = Identity.generate().peer_id
+            async with asyncio.timeout(30):
+                with pytest.raises(DialTimeoutError, match=str(target)):
+                    await client.connect(Address("quic", "127.0.0.1", port), target)
+            assert client.connection_to(target) is None
