@@ -887,13 +887,7 @@ class RPC:
         loop = asyncio.get_running_loop()
         timeout = config.max_timeout if header.timeout is None else min(header.timeout, config.max_timeout)
         context = CallContext(peer, header.method, loop.time() + timeout, header.metadata)
-        self._active[peer] += 1
-        try:
-            await self._run_call(chan, ServerCall(chan, context), handler, rest)
-        finally:
-            self._active[peer] -= 1
-            if self._active[peer] <= 0:
-                del self._active[peer]
+        await self._run_call(chan, ServerCall(chan, context), handler, rest)
 
     async def _refuse(self, chan: _Channel, code: ErrorCode, error: Exception) -> None:
         info = ErrorInfo(code, type(error).__name__, str(error))
@@ -901,10 +895,37 @@ class RPC:
 
     async def _run_call(self, chan: _Channel, call: ServerCall, handler: StreamHandlerFn, pending: list[Frame]) -> None:
         state = _ServerState()
+        # The per-peer limit counts running handlers, not streams still closing after their reply.
+        self._active[call.peer] += 1
+        counted = True
+
+        def uncount() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self._active[call.peer] -= 1
+                if self._active[call.peer] <= 0:
+                    del self._active[call.peer]
+
+        try:
+            await self._supervise_call(chan, call, handler, pending, state, uncount)
+        finally:
+            uncount()
+
+    async def _supervise_call(
+        self,
+        chan: _Channel,
+        call: ServerCall,
+        handler: StreamHandlerFn,
+        pending: list[Frame],
+        state: _ServerState,
+        handler_done: Callable[[], None],
+    ) -> None:
         async with asyncio.TaskGroup() as tg:
             handler_task = tg.create_task(self._run_handler(call, handler), name=f"rpc handler {call.method}")
             reader_task = tg.create_task(self._server_read_loop(chan, state, handler_task, pending))
             await asyncio.wait([handler_task])
+            handler_done()
             if handler_task.cancelled():
                 final = b""
                 if state.cancelled_by_peer:
