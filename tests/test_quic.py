@@ -17,6 +17,7 @@ import pytest
 from coordinator_free_dht.errors import (
     ConnectionLostError,
     DialTimeoutError,
+    HandshakeError,
     PeerMismatchError,
     StreamClosedError,
     StreamResetError,
@@ -355,6 +356,8 @@ async def test_killed_peer_fails_pending_read_promptly() -> None:
 def test_config_validates() -> None:
     with pytest.raises(ValueError, match="max_datagram_size"):
         QuicConfig(max_datagram_size=1000)
+    with pytest.raises(ValueError, match="max_datagram_size"):
+        QuicConfig(max_datagram_size=20000)  # aioquic's 2-byte STREAM length field would overflow
     with pytest.raises(ValueError, match="keepalive"):
         QuicConfig(idle_timeout=10, keepalive_interval=6)
     with pytest.raises(ValueError, match="watermark"):
@@ -372,3 +375,29 @@ async def test_dial_to_a_silent_port_times_out() -> None:
                 with pytest.raises(DialTimeoutError, match=str(target)):
                     await client.connect(Address("quic", "127.0.0.1", port), target)
             assert client.connection_to(target) is None
+
+
+async def test_alpn_mismatch_is_a_handshake_error() -> None:
+    other = QuicConfig(idle_timeout=2.0, keepalive_interval=0.5, handshake_timeout=5.0, alpn="other/1")
+    async with peer() as (server, address), peer(config=other) as (client, _):
+        async with asyncio.timeout(30):
+            with pytest.raises(HandshakeError):
+                await client.connect(address, server.local_peer)
+
+
+async def test_large_datagrams_carry_a_large_payload() -> None:
+    config = QuicConfig(idle_timeout=5.0, keepalive_interval=1.0, max_datagram_size=16383)
+    async with peer(config=config) as (server, address), peer(config=config) as (client, _):
+        async with asyncio.timeout(60):
+            conn = await client.connect(address, server.local_peer)
+            stream = await conn.open_stream()
+            payload = random.Random(3).randbytes(4 << 20)
+
+            async def send() -> None:
+                await stream.write(payload)
+                await stream.write_eof()
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(send())
+                echoed = tg.create_task(read_all(stream))
+            assert echoed.result() == payload
