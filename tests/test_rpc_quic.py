@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -155,3 +157,54 @@ async def test_peer_killed_mid_stream_fails_the_call_within_its_deadline(net: Sw
         if process.returncode is None:
             process.kill()
         await process.wait()
+
+
+async def upload_size(call: ServerCall) -> None:
+    size = 0
+    async for chunk in call:
+        size += len(chunk)
+    await call.send(size)
+
+
+async def bulk_upload(client: RPC, info: PeerInfo, payload: bytes) -> tuple[int, str]:
+    async with client.open_call(info, "upload", timeout=30, bulk=True) as call:
+        view = memoryview(payload)
+        for start in range(0, len(payload), 1 << 18):
+            await call.send_bytes(view[start : start + (1 << 18)])
+        await call.done_sending()
+        size = await call.recv()
+        return size, call.path
+
+
+async def test_bulk_calls_take_the_tls_path_and_others_quic() -> None:
+    async with swarm("quic", "tls") as net:
+        server = serve(net.make())
+        server.register_stream("upload", upload_size)
+        info = await net.start(server)
+        assert sorted(a.kind for a in info.addresses) == ["quic", "tls"]
+        client, _ = await net.peer()
+        assert await bulk_upload(client, info, bytes(3 << 20)) == (3 << 20, "tls")
+        async with client.open_call(info, "total", timeout=10) as call:
+            assert call.path == "quic"
+            await call.send(1)
+            await call.done_sending()
+            assert [x async for x in call] == [1]
+
+
+async def test_bulk_falls_back_to_quic_when_tls_is_unreachable(caplog: pytest.LogCaptureFixture) -> None:
+    async with swarm("quic", "tls") as net:
+        server = serve(net.make(kinds=("quic",)))
+        server.register_stream("upload", upload_size)
+        info = await net.start(server)
+        # Advertise a TLS port where nothing listens (bound, then released).
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+        probe.close()
+        advertised = PeerInfo(info.peer_id, (*info.addresses, Address("tls", "127.0.0.1", dead_port)))
+        client, _ = await net.peer()
+        with caplog.at_level(logging.INFO, logger="coordinator_free_dht.net.rpc"):
+            assert await bulk_upload(client, advertised, bytes(1 << 20)) == (1 << 20, "quic")
+            # The failure is remembered: the next bulk call goes straight to QUIC without another attempt.
+            assert await bulk_upload(client, advertised, bytes(1 << 20)) == (1 << 20, "quic")
+        assert caplog.text.count("bulk path (TLS)") == 1
