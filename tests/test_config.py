@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
+from volunteer.cli import app
 from volunteer.config import (
     Preferences,
     config_file,
@@ -218,3 +221,71 @@ def test_window_and_its_complement_partition_the_day(start: int, end: int, minut
     day, minute = divmod(minute_of_week, 1440)
     when = datetime(2024, 5, 6 + day, *divmod(minute, 60))
     assert in_windows((a,), when) != in_windows((b,), when)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+runner = CliRunner()
+
+
+def test_cli_config_set_show_reset(paths: Paths) -> None:
+    result = runner.invoke(app, ["config", "set", "active.cpu_percent", "30"])
+    assert result.exit_code == 0, result.output
+    assert "active.cpu_percent = 30" in result.output
+    shown = json.loads(runner.invoke(app, ["config", "show", "--json"]).output)
+    assert shown["active"]["cpu_percent"] == 30.0
+    table = runner.invoke(app, ["config", "show"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0
+    assert "active.cpu_percent" in table.output
+    result = runner.invoke(app, ["config", "reset", "--yes"])
+    assert result.exit_code == 0
+    assert "config.toml.bak" in result.output
+    assert json.loads(runner.invoke(app, ["config", "show", "--json"]).output)["active"]["cpu_percent"] == 50.0
+
+
+def test_cli_config_set_out_of_range(paths: Paths) -> None:
+    result = runner.invoke(app, ["config", "set", "idle.cpu_percent", "250"])
+    assert result.exit_code == 1
+    assert "idle.cpu_percent" in result.output
+    assert "from 1 to 100" in result.output
+
+
+def test_cli_config_show_corrupt_file(paths: Paths) -> None:
+    config_file(paths).parent.mkdir(parents=True)
+    config_file(paths).write_text("[active\n")
+    result = runner.invoke(app, ["config", "show"])
+    assert result.exit_code == 1
+    assert "line 1" in result.output
+    assert config_file(paths).read_text() == "[active\n"
+
+
+def test_cli_config_env_overrides_file(paths: Paths) -> None:
+    runner.invoke(app, ["config", "set", "active.cpu_percent", "30"])
+    result = runner.invoke(app, ["config", "show", "--json"], env={"VOLUNTEER_ACTIVE_CPU_PERCENT": "20"})
+    assert json.loads(result.output)["active"]["cpu_percent"] == 20.0
+
+
+def test_cli_config_edit_installs_only_valid_edits(paths: Paths) -> None:
+    good = "sed -i 's/^cpu_percent = 50.0/cpu_percent = 20.0/'"
+    result = runner.invoke(app, ["config", "edit"], env={"EDITOR": good, "VISUAL": good})
+    assert result.exit_code == 0, result.output
+    assert load_preferences(paths, environ={}).active.cpu_percent == 20.0
+    before = config_file(paths).read_text()
+    bad = "sed -i 's/^cpu_percent = 20.0/cpu_percent = 500/'"
+    result = runner.invoke(app, ["config", "edit"], env={"EDITOR": bad, "VISUAL": bad})
+    assert result.exit_code == 1
+    assert "active.cpu_percent" in result.output
+    assert "not changed" in result.output
+    assert config_file(paths).read_text() == before
+
+
+def test_cli_info_json_and_table(paths: Paths) -> None:
+    result = runner.invoke(app, ["info", "--json", "--no-bench"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["cpu"]["logical_cores"] >= 1
+    assert data["benchmarks"] == []
+    table = runner.invoke(app, ["info", "--no-bench"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0
+    assert "Cores" in table.output
+    assert "Memory" in table.output
