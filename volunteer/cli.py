@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from volunteer import __version__
+from volunteer.config_cli import config_app, info
 from volunteer.paths import Paths
 
 app = typer.Typer(
@@ -72,6 +73,12 @@ def identity(
     typer.echo(f"peer id     {info['peer_id']}")
     typer.echo(f"public key  {info['public_key']}")
     typer.echo(f"key file    {info['key_file']}")
+
+
+# --- this machine: hardware profile and computing preferences (volunteer.config_cli) ----------------------
+
+app.command()(info)
+app.add_typer(config_app, name="config")
 
 
 def main() -> None:
