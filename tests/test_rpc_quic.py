@@ -32,7 +32,7 @@ async def net() -> AsyncIterator[Swarm]:
 
 
 async def whoami(ctx: CallContext, request: Any) -> Any:
-    return {"you": str(ctx.peer), "request": request}
+    return {"you": str(ctx.peer), "request": request, "via": ctx.transport}
 
 
 async def total(call: ServerCall) -> None:
@@ -81,7 +81,7 @@ async def test_sixteen_peers_all_to_all(net: Swarm) -> None:
 
     async def unary(src: RPC, dst: PeerInfo) -> None:
         reply = await src.call_unary(dst, "whoami", str(dst.peer_id), timeout=60)
-        assert reply == {"you": str(src.peer_id), "request": str(dst.peer_id)}
+        assert reply == {"you": str(src.peer_id), "request": str(dst.peer_id), "via": "quic"}
 
     async def streaming(src: RPC, dst: PeerInfo) -> None:
         async with src.open_call(dst, "total", timeout=60) as call:
@@ -184,6 +184,8 @@ async def test_bulk_calls_take_the_tls_path_and_others_quic() -> None:
         assert sorted(a.kind for a in info.addresses) == ["quic", "tls"]
         client, _ = await net.peer()
         assert await bulk_upload(client, info, bytes(3 << 20)) == (3 << 20, "tls")
+        assert (await client.call_unary(info, "whoami", 0, timeout=10, bulk=True))["via"] == "tls"
+        assert (await client.call_unary(info, "whoami", 0, timeout=10))["via"] == "quic"
         async with client.open_call(info, "total", timeout=10) as call:
             assert call.path == "quic"
             await call.send(1)

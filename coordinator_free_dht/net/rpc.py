@@ -195,6 +195,8 @@ class CallContext:
     """When the call expires, on the event loop's clock (``loop.time()``)."""
     metadata: Mapping[str, Any]
     """The caller's metadata from the call header."""
+    transport: TransportKind = "quic"
+    """The kind of transport the call arrived on (``tls`` for the bulk path)."""
 
     def time_remaining(self) -> float:
         """Seconds left until the deadline (negative once passed)."""
@@ -886,7 +888,8 @@ class RPC:
 
         loop = asyncio.get_running_loop()
         timeout = config.max_timeout if header.timeout is None else min(header.timeout, config.max_timeout)
-        context = CallContext(peer, header.method, loop.time() + timeout, header.metadata)
+        kind = stream.connection.remote_address.kind
+        context = CallContext(peer, header.method, loop.time() + timeout, header.metadata, kind)
         await self._run_call(chan, ServerCall(chan, context), handler, rest)
 
     async def _refuse(self, chan: _Channel, code: ErrorCode, error: Exception) -> None:
