@@ -103,11 +103,22 @@ async def main(seconds: float, caps: list[float], width: int, batch: int) -> dic
                 overrides["idle.cpu_percent"] = str(cap)
                 monitor.update_preferences(load_preferences(paths, overrides, environ={}))
                 await asyncio.sleep(settle)
+                psutil.cpu_percent(None)
                 c0, t0 = cpu_seconds(proc), time.monotonic()
                 await asyncio.sleep(seconds - settle)
                 c1, t1 = cpu_seconds(proc), time.monotonic()
+                machine = psutil.cpu_percent(None)
                 measured = (c1 - c0) / (t1 - t0) / logical * 100.0
-                results.append({"cap": cap, "measured_cpu_percent": round(measured, 2)})
+                results.append(
+                    {
+                        "cap": cap,
+                        "measured_cpu_percent": round(measured, 2),
+                        # Other programs' share: on a busy machine the cap may be out of reach.
+                        "others_cpu_percent": round(max(0.0, machine - measured), 2),
+                        "threads": monitor.decision.threads,
+                        "duty_cycle": round(monitor.gate.duty_cycle, 3),
+                    }
+                )
                 logger.info("cap %s%%: measured %.1f%% (duty %.3f)", cap, measured, monitor.gate.duty_cycle)
             # Pause: from the "user active" signal until no unit is running and the gate is closed.
             user.idle_s = 0.0
