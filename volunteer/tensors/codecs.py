@@ -23,16 +23,17 @@ Codecs (``CodecId``):
     256 evenly spaced levels over ``[max(min, mean - 6 std), min(max, mean + 6 std)]``; values beyond six
     standard deviations saturate. Relative MSE about 2e-4 on normal data.
 ``quantile8``
-    256 levels whose bins hold equal shares of the values (quantiles of an evenly strided sample of at most
-    2**17 values), each level the mean of the values in its bin. Robust to outliers.
+    256 levels for bins that start as equal shares of the values (quantiles of an evenly strided sample of
+    at most 2**17 values) and are refined by a few Lloyd-Max steps on that sample; each level is the mean of
+    the values in its bin. Robust to outliers. Relative MSE about 5e-4 on normal data.
 ``blockwise8``
     Blocks of ``block_size`` (default 4096) values, each with its own absolute-maximum scale; values become
     signed 8-bit integers in [-127, 127]. One outlier only costs precision within its block. Our own
     implementation (no bitsandbytes). Relative MSE about 6e-5 on normal data.
 
 Lossy codecs work on the real floating dtypes (float16, bfloat16, float32, float64) and on complex64 and
-complex128 (as their real and imaginary parts). They compute in float32: float64 values beyond the float32
-range saturate. Other dtypes (integers, bool, float8 formats) only take ``none``.
+complex128 (as their real and imaginary parts). They compute in float32; the statistics-based ones saturate values beyond
++-8.5e37 (a quarter of the float32 range) so that no level or scale overflows. Other dtypes (integers, bool, float8 formats) only take ``none``.
 
 Non-finite values are never hidden, so that an averager can reject a NaN contribution: ``none``, ``fp16``
 and ``bf16`` keep NaN and +-inf element by element; the statistics-based codecs (``scaled_fp16``,
@@ -124,12 +125,17 @@ _REAL_OF_COMPLEX: Final[Mapping[torch.dtype, torch.dtype]] = {
 _FP16_MAX: Final = float(torch.finfo(torch.float16).max)
 _BF16_MAX: Final = float(torch.finfo(torch.bfloat16).max)
 _F32_MAX: Final = float(torch.finfo(torch.float32).max)
+_STATISTICS_LIMIT: Final = _F32_MAX / 4
+"""The statistics-based codecs saturate values here, so that levels and scales never overflow float32."""
 
 QUANTILE_SAMPLE: Final = 1 << 17
 """At most this many values (an even stride through the tensor) decide the quantile codec's bins."""
 
 QUANTILE_GRID: Final = 1 << 16
 """Cells of the uniform grid through which the quantile codec finds each value's bin."""
+
+QUANTILE_LLOYD_STEPS: Final = 4
+"""Lloyd-Max refinement steps on the sample after the initial quantile boundaries."""
 
 UNIFORM_SIGMAS: Final = 6.0
 """The uniform codec's range is clipped to this many standard deviations around the mean."""
@@ -450,6 +456,8 @@ class Uniform8Codec(_StatisticsCodec):
         """``round((x - low) / step)`` clamped to 0..255."""
         mean, std = _mean_std(x)
         low, high = max(low, mean - UNIFORM_SIGMAS * std), min(high, mean + UNIFORM_SIGMAS * std)
+        # Keep ``low + 255 * step`` inside float32 even for values near its limit (they saturate instead).
+        low, high = max(low, -_F32_MAX / 4), min(high, _F32_MAX / 4)
         step = (high - low) / 255.0
         # A constant tensor has step 0: every code is 0 and decodes to exactly ``low``.
         scale = 1.0 / step if step > 0 else 0.0
@@ -489,11 +497,11 @@ class Uniform8Codec(_StatisticsCodec):
 class Quantile8Codec(_StatisticsCodec):
     """256 equal-population bins; each code decodes to the mean of the values in its bin.
 
-    The 255 bin boundaries are quantiles of an evenly strided sample. Finding each value's bin by binary
-    search costs about a second for 16M values, so values are first placed on a uniform grid of
-    :data:`QUANTILE_GRID` cells between the outer boundaries, and a cell's code is the bin of the cell's
-    centre. Only values in the few cells that straddle a boundary can land one bin off; since each code
-    decodes to the mean of the values that actually got it, that costs a little precision, never bias.
+    The 255 bin boundaries come from an evenly strided sample. Finding each value's bin by binary search
+    costs about a second for 16M values, so values are first placed on a uniform grid of
+    :data:`QUANTILE_GRID` cells between the outer initial quantiles: a cell that lies inside one bin gives
+    the code directly, and only values in cells that straddle a boundary, or lie beyond the grid, take the
+    binary search. The codes are therefore exact bins, found in a fraction of the time.
     """
 
     codec_id = CodecId.QUANTILE8
@@ -505,29 +513,42 @@ class Quantile8Codec(_StatisticsCodec):
         stride = max(1, n // QUANTILE_SAMPLE)
         sample, _ = torch.sort(x[::stride])
         positions = torch.arange(1, 256, dtype=torch.float64).mul_((sample.numel() - 1) / 256.0).round_().long()
-        boundaries = sample[positions].contiguous()
-        grid_low, grid_high = float(boundaries[0]), float(boundaries[-1])
+        initial = sample[positions].to(torch.float64)
+        boundaries = _refined_boundaries(sample, initial)
+        # The grid spans the initial outer quantiles, which no outlier can stretch; values beyond them (and
+        # values in cells that straddle a boundary) take the exact binary search.
+        grid_low, grid_high = float(initial[0]), float(initial[-1])
         if not grid_high > grid_low:
             grid_low, grid_high = low, high
         cells = QUANTILE_GRID
         scale = cells / (grid_high - grid_low) if grid_high > grid_low else 0.0
         if not math.isfinite(scale):
             scale = 0.0
-        # Cell 0 holds everything below the grid, cell ``cells + 1`` everything at or above its top.
-        centres = torch.arange(cells, dtype=torch.float64).add_(0.5).div_(scale if scale else 1.0).add_(grid_low)
+        edges = torch.arange(cells + 1, dtype=torch.float64).div_(scale if scale else 1.0).add_(grid_low)
+        edge_codes = torch.bucketize(edges.to(torch.float32), boundaries)
         table = torch.empty(cells + 2, dtype=torch.uint8)
+        table[1:-1].copy_(edge_codes[:-1])
         table[0], table[-1] = 0, 255
-        table[1:-1].copy_(torch.bucketize(centres.to(torch.float32), boundaries))
+        exact = torch.ones(cells + 2, dtype=torch.bool)
+        if scale:
+            torch.ne(edge_codes[:-1], edge_codes[1:], out=exact[1:-1])
+        else:
+            exact[1] = False  # a constant tensor: every value is in cell 1, which holds one value
         out = torch.empty(self._CODEBOOK_BYTES + n, dtype=torch.uint8)
         codes = out[self._CODEBOOK_BYTES :]
         scratch = torch.empty(min(n, _CHUNK), dtype=torch.float32)
         cell = torch.empty(min(n, _CHUNK), dtype=torch.int32)
+        ambiguous = torch.empty(min(n, _CHUNK), dtype=torch.bool)
         for start in _spans(n):
             piece = x[start : start + _CHUNK]
             width = piece.numel()
             torch.sub(piece, grid_low, out=scratch[:width]).mul_(scale).add_(1.0).clamp_(0, cells + 1)
             cell[:width].copy_(scratch[:width])
             torch.index_select(table, 0, cell[:width], out=codes[start : start + width])
+            torch.index_select(exact, 0, cell[:width], out=ambiguous[:width])
+            where = torch.nonzero(ambiguous[:width]).reshape(-1)
+            if where.numel():
+                codes[start + where] = torch.bucketize(piece[where], boundaries).to(torch.uint8)
         counts = torch.bincount(codes, minlength=256).to(torch.float64)
         sums = torch.bincount(codes, weights=x, minlength=256).to(torch.float64)
         codebook = sums.div_(counts.clamp(min=1))
@@ -550,6 +571,33 @@ class Quantile8Codec(_StatisticsCodec):
             index[:width].copy_(codes[start:stop])
             torch.index_select(codebook, 0, index[:width], out=result[start:stop])
         return result
+
+
+def _refined_boundaries(sample: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+    """255 bin boundaries: from the sample's quantiles (``initial``), :data:`QUANTILE_LLOYD_STEPS` Lloyd-Max steps on the
+    sample (each level moves to the mean of its bin, each boundary to the midpoint of its levels), which cut
+    the error of the wide tail bins about in half on normal data."""
+    boundaries = initial
+    sample64 = sample.to(torch.float64)
+    for _ in range(QUANTILE_LLOYD_STEPS):
+        codes = torch.bucketize(sample64, boundaries)
+        counts = torch.bincount(codes, minlength=256).to(torch.float64)
+        sums = torch.bincount(codes, weights=sample64, minlength=256)
+        # An empty bin keeps a level at its lower boundary, so levels stay ordered.
+        lower = torch.cat([boundaries[:1], boundaries])
+        levels = torch.where(counts > 0, sums / counts.clamp(min=1), lower).cummax(0).values
+        boundaries = levels[:-1].add(levels[1:]).mul_(0.5)
+    result = boundaries.to(torch.float32)
+    # A value that fills whole bins (zeros of a sparse gradient, say) gets a bin of its own, (prev(v), v],
+    # so that it decodes exactly instead of being averaged with its neighbours.
+    repeated = torch.unique_consecutive(initial[1:][initial[1:] == initial[:-1]]).to(torch.float32)
+    for value in repeated:
+        index = min(int(torch.bucketize(value, result)), 254)
+        result[index] = value
+        if index > 0:
+            result[index - 1] = torch.nextafter(value, torch.tensor(-math.inf))
+        result = result.cummax(0).values
+    return result.contiguous()
 
 
 class Blockwise8Codec(_StatisticsCodec):
@@ -665,6 +713,9 @@ def encode(x: torch.Tensor, compression: Compression) -> Encoded:
     x32 = _to_float32(flat)
     low, high = (float(v) for v in torch.aminmax(x32))
     if math.isfinite(low) and math.isfinite(high):
+        if low < -_STATISTICS_LIMIT or high > _STATISTICS_LIMIT:
+            x32 = x32.clamp(-_STATISTICS_LIMIT, _STATISTICS_LIMIT)
+            low, high = max(low, -_STATISTICS_LIMIT), min(high, _STATISTICS_LIMIT)
         encoded = codec.encode_finite(x32, compression, low, high)
         return Encoded({**encoded.params, "nonfinite": 0}, encoded.payload)
     # Rare path: record where the non-finite values are and what they were, encode the rest around zeros.
@@ -674,7 +725,9 @@ def encode(x: torch.Tensor, compression: Compression) -> Encoded:
     kinds = torch.full(values.shape, _NAN, dtype=torch.uint8)
     kinds[values == math.inf] = _POSINF
     kinds[values == -math.inf] = _NEGINF
-    cleaned = torch.where(finite, x32, torch.zeros((), dtype=torch.float32))
+    cleaned = torch.where(finite, x32, torch.zeros((), dtype=torch.float32)).clamp_(
+        -_STATISTICS_LIMIT, _STATISTICS_LIMIT
+    )
     low, high = (float(v) for v in torch.aminmax(cleaned))
     encoded = codec.encode_finite(cleaned, compression, low, high)
     payload = torch.cat([_as_bytes(positions.to(torch.int64)), encoded.payload, kinds])
