@@ -658,7 +658,9 @@ class RPC:
         stack, self._stack = self._stack, None
         if stack is not None:
             try:
-                await stack.__aexit__(exc_type, exc, tb)
+                # The body's own exception is not handed to the transports' and our task groups: they would
+                # wrap it in an ExceptionGroup. They just close (transports first, then our reader tasks).
+                await stack.__aexit__(None, None, None)
             finally:
                 self._tg = None
 
