@@ -81,6 +81,31 @@ app.command()(info)
 app.add_typer(config_app, name="config")
 
 
+@app.command()
+def selfcheck(
+    mib: Annotated[
+        float, typer.Option("--mib", min=0.001, help="MiB streamed per direction and path (QUIC, TLS).")
+    ] = 4.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds allowed for each call.")] = 60.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Start two throw-away peers on 127.0.0.1 and check calls between them over QUIC and TLS."""
+    import asyncio
+
+    from volunteer.selfcheck import render, run_selfcheck
+
+    paths = Paths.default()
+    report = asyncio.run(run_selfcheck(paths.identity_file, mib=mib, call_timeout=timeout))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        for line in render(report, str(paths.identity_file)):
+            typer.echo(line)
+    if not report.ok:
+        failed = next((c for c in report.checks if not c.ok), None)
+        raise fail(f"selfcheck failed: {failed.name}: {failed.detail}" if failed else "selfcheck ran no checks")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
