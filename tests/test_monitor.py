@@ -287,3 +287,22 @@ def test_unreachable_cap_ends_with_every_allowed_thread_at_full_duty() -> None:
     t, duty, measured = simulate(controller, 16, 75, 0.6)
     assert (t, duty) == (16, 1.0)
     assert measured == pytest.approx(60.0)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "nice"), reason="POSIX nice values")
+def test_lower_priority_of_a_child_process() -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    from volunteer.host.monitor import lower_process_priority
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        proc = psutil.Process(child.pid)
+        lower_process_priority(proc)
+        assert proc.nice() == 19
+    finally:
+        child.kill()
+        child.wait()

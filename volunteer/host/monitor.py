@@ -206,6 +206,20 @@ class WorkGate:
             self.engaged_s += self._clock() - start
 
 
+def lower_process_priority(process: psutil.Process | None = None) -> None:
+    """Run this process at the lowest CPU priority, as BOINC does, so the owner's programs always come first.
+
+    ``nice 19`` on POSIX, ``IDLE_PRIORITY_CLASS`` on Windows. Failures (a container that forbids it) are logged.
+    The runtime calls it once at start; the monitor does not, so tests and benchmarks keep their priority.
+    """
+    process = process if process is not None else psutil.Process()
+    idle_class = getattr(psutil, "IDLE_PRIORITY_CLASS", None)
+    try:
+        process.nice(idle_class if idle_class is not None else 19)
+    except (psutil.Error, OSError) as exc:
+        logger.warning("could not lower the process priority: %s", exc)
+
+
 def _local_now() -> datetime:
     return datetime.now()
 
