@@ -82,6 +82,7 @@ _MIN_INITIAL_SIZE = 1200  # RFC 9000 section 14.1: a client's Initial datagram i
 _RESET_CODE = 0x1  # application error code for a reset stream
 _MISMATCH_CODE = 0x2  # application error code: the peer proved the wrong identity
 _NO_CERT_CODE = 0x3  # application error code: the dialer presented no usable certificate
+_STREAM_OPEN = b"\x00"  # the first byte of every stream, sent by its opener (see open_stream)
 _SUPPORTED_VERSIONS = frozenset(QuicConfiguration().supported_versions)
 
 
@@ -435,16 +436,20 @@ class QuicConnectionHandle(Connection):
         return bool(self._quic.configuration.is_client)
 
     async def open_stream(self) -> QuicStream:
-        """Open a new bidirectional stream; the peer sees it once the first byte (or FIN) is written."""
+        """Open a new bidirectional stream; the peer's handler gets it right away (one marker byte announces it)."""
         if self._closed:
             raise self._close_error or TransportClosedError("the connection is closed")
         if self._remote_peer is None:
             raise TransportError("the connection is not authenticated yet")
         stream_id = self._quic.get_next_available_stream_id()
-        self._quic.send_stream_data(stream_id, b"")  # reserves the id
+        # QUIC only tells the peer about a stream with its first frame, so announce it now: the contract
+        # says the peer's handler sees the stream on open, even before we write.
+        self._quic.send_stream_data(stream_id, _STREAM_OPEN)
         stream = QuicStream(self, stream_id)
+        stream._written = len(_STREAM_OPEN)
         self._streams[stream_id] = stream
         self._quic.consumed[stream_id] = 0
+        self._schedule()
         return stream
 
     async def aclose(self) -> None:
@@ -597,8 +602,13 @@ class QuicConnectionHandle(Connection):
             # as it does, so an unknown id is a new stream opened by the peer.
             stream = QuicStream(self, event.stream_id)
             self._streams[event.stream_id] = stream
-            self._quic.consumed[event.stream_id] = 0
-            stream._on_data(event.data, event.end_stream)
+            self._quic.consumed[event.stream_id] = len(_STREAM_OPEN)
+            if not event.data.startswith(_STREAM_OPEN):
+                logger.info("resetting stream %d from %s: no stream-open marker", event.stream_id, self._peer_text())
+                stream.reset()
+                self._maybe_finished(stream)
+                return
+            stream._on_data(event.data[len(_STREAM_OPEN) :], event.end_stream)
             self._transport._spawn_handler(stream)
         else:
             stream._on_data(event.data, event.end_stream)
