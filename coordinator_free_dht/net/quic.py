@@ -27,6 +27,10 @@ an incompatible aioquic fails loudly rather than silently unauthenticated):
   so a slow reader slows the writer), ``_streams`` (a stream's unsent bytes, for write backpressure) and
   ``_local_max_streams_bidi`` / ``_local_max_streams_uni`` (the concurrent stream limit).
 
+Streams: the opener's first byte on every stream is a marker (``\x00``) that the accepting side strips, because
+QUIC announces a stream only with its first frame and the contract hands a stream to the peer's handler on
+open. A stream without it is reset.
+
 Performance: aioquic spends ~150 CPU-seconds per GB at 1200-byte datagrams; the cost is per packet, so
 ``max_datagram_size`` is configurable. 1200 stays the default because it is safe on any internet path (no
 path-MTU probing here); larger sizes are for loopback and known LANs. Bulk tensor traffic uses ``tls.py``.
