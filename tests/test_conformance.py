@@ -1,0 +1,67 @@
+"""The transport conformance suite (coordinator_free_dht.testing.conformance) on every transport."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from coordinator_free_dht.identity import Identity
+from coordinator_free_dht.net.tls import TLSTransport
+from coordinator_free_dht.net.transport import StreamHandler, Transport
+from coordinator_free_dht.testing.conformance import CHECKS, Check, TransportFactory
+
+try:  # the QUIC transport lands separately; run it here as soon as it exists
+    from coordinator_free_dht.net.quic import QuicTransport
+except ImportError:  # pragma: no cover - depends on the tree
+    QuicTransport = None  # type: ignore[assignment,misc]
+
+
+def _tls() -> TransportFactory:
+    def make(identity: Identity, handler: StreamHandler) -> Transport:
+        return TLSTransport(identity, handler)
+
+    return make
+
+
+def _mem() -> TransportFactory:
+    from coordinator_free_dht.net.memory import LinkProfile, MemoryNetwork, MemoryTransport
+
+    network = MemoryNetwork(random.Random(42), default_link=LinkProfile(latency=0.001))
+
+    def make(identity: Identity, handler: StreamHandler) -> Transport:
+        return MemoryTransport(identity, handler, network)
+
+    return make
+
+
+def _quic() -> TransportFactory:
+    assert QuicTransport is not None
+
+    def make(identity: Identity, handler: StreamHandler) -> Transport:
+        return QuicTransport(identity, handler)
+
+    return make
+
+
+FACTORIES: dict[str, Callable[[], TransportFactory]] = {"tls": _tls, "mem": _mem}
+if QuicTransport is not None:
+    FACTORIES["quic"] = _quic
+
+
+# aioquic moves ~10 MB/s on one core: its 64 MiB round trip belongs to the slow suite.
+_SLOW = {("quic", "check_large_payload_integrity")}
+
+
+@pytest.mark.parametrize(
+    ("kind", "check"),
+    [
+        pytest.param(kind, check, marks=[pytest.mark.slow] if (kind, check.__name__) in _SLOW else [])
+        for kind in sorted(FACTORIES)
+        for check in CHECKS
+    ],
+    ids=[f"{kind}-{check.__name__.removeprefix('check_')}" for kind in sorted(FACTORIES) for check in CHECKS],
+)
+async def test_conformance(kind: str, check: Check) -> None:
+    await check(FACTORIES[kind]())
