@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -28,14 +29,16 @@ def available_kinds() -> list[TransportKind]:
 class Swarm:
     """Creates RPC peers on 127.0.0.1 (port 0) with the requested transports and closes them all."""
 
-    def __init__(self, stack: contextlib.AsyncExitStack, kinds: tuple[TransportKind, ...]) -> None:
+    def __init__(
+        self, stack: contextlib.AsyncExitStack, kinds: tuple[TransportKind, ...], seed: int = 0, link: Any = None
+    ) -> None:
         self._stack = stack
         self.kinds = kinds
         self._network: Any = None
         if "mem" in kinds:
             from coordinator_free_dht.net import memory  # type: ignore[attr-defined,unused-ignore]
 
-            self._network = memory.MemoryNetwork()
+            self._network = memory.MemoryNetwork(random.Random(seed), default_link=link)
 
     def _transport(self, kind: TransportKind, identity: Identity, rpc: RPC) -> Transport:
         if kind == "quic":
@@ -47,7 +50,9 @@ class Swarm:
 
             transport: Transport = tls.TLSTransport(identity, rpc.handle_stream)
             return transport
-        transport = self._network.transport(identity, rpc.handle_stream)
+        from coordinator_free_dht.net import memory  # type: ignore[attr-defined,unused-ignore]
+
+        transport = memory.MemoryTransport(identity, rpc.handle_stream, self._network)
         return transport
 
     def make(self, config: RPCConfig | None = None, kinds: tuple[TransportKind, ...] | None = None) -> RPC:
@@ -72,7 +77,10 @@ class Swarm:
 
 
 @contextlib.asynccontextmanager
-async def swarm(*kinds: TransportKind) -> AsyncIterator[Swarm]:
-    """``async with swarm("quic") as s: ...``; every peer is closed when the block ends, even on failure."""
+async def swarm(*kinds: TransportKind, seed: int = 0, link: Any = None) -> AsyncIterator[Swarm]:
+    """``async with swarm("quic") as s: ...``; every peer is closed when the block ends, even on failure.
+
+    ``mem`` peers share one simulated network seeded with ``seed`` whose links follow ``link`` (a
+    ``LinkProfile``; default: instant and lossless)."""
     async with contextlib.AsyncExitStack() as stack:
-        yield Swarm(stack, kinds)
+        yield Swarm(stack, kinds, seed, link)

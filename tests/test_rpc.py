@@ -422,3 +422,19 @@ async def test_registration_rules(net: Swarm) -> None:
         rpc.register_unary("", echo)
     rpc.unregister("echo")
     rpc.register_unary("echo", echo)
+
+
+@pytest.mark.skipif(KIND != "mem", reason="needs the simulated network")
+async def test_calls_over_a_slow_lossy_link() -> None:
+    from coordinator_free_dht.net.memory import LinkProfile
+
+    async with swarm(KIND, seed=7, link=LinkProfile(latency=0.01, loss=0.2, rto=0.03)) as lossy:
+        _, info, client = await server_and_client(lossy)
+        for i in range(5):
+            assert (await client.call_unary(info, "echo", i, timeout=10))["request"] == i
+        async with client.open_call(info, "count", timeout=10) as call:
+            await call.send({"n": 30})
+            await call.done_sending()
+            assert [m async for m in call] == [*range(30), b"\x00\x01tail"]
+        with pytest.raises(DeadlineExceededError):
+            await client.call_unary(info, "echo", "too slow", timeout=0.005)
