@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from volunteer.errors import TensorError
+from volunteer.tensors.adaptive import AdaptiveCompression, TensorRole
 from volunteer.tensors.codecs import (
     CODECS,
     LOSSY_DTYPES,
@@ -307,3 +308,40 @@ def test_every_lossy_codec_supports_exactly_the_lossy_dtypes() -> None:
     for codec in LOSSY:
         assert {dtype for dtype in LOSSY_DTYPES if CODECS[codec].supports(dtype)} == LOSSY_DTYPES
         assert not CODECS[codec].supports(torch.int32)
+
+
+# --- adaptive choice ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("role", "small", "large"),
+    [
+        (TensorRole.GRADIENT, CodecId.FP16, CodecId.BLOCKWISE8),
+        (TensorRole.PARAMETER, CodecId.NONE, CodecId.FP16),
+        (TensorRole.OPTIMIZER_STATE, CodecId.NONE, CodecId.BF16),
+    ],
+)
+def test_adaptive_choice_by_role_and_size(role: TensorRole, small: CodecId, large: CodecId) -> None:
+    policy = AdaptiveCompression()
+    assert policy.choose(torch.zeros(100), role).codec is small
+    assert policy.choose_for(1 << 16, torch.float32, role).codec is large
+    assert AdaptiveCompression(small_tensor_elements=50).choose(torch.zeros(100), role).codec is large
+
+
+def test_adaptive_choice_for_non_float_and_16_bit_tensors() -> None:
+    policy = AdaptiveCompression()
+    assert policy.choose(torch.zeros(10, dtype=torch.int64), TensorRole.GRADIENT) == Compression()
+    assert policy.choose_for(1 << 20, torch.bool, TensorRole.PARAMETER) == Compression(zstd_level=1)
+    # A bfloat16 parameter is not squeezed through fp16 (same size, less range): it travels exactly.
+    assert policy.choose_for(1 << 20, torch.bfloat16, TensorRole.PARAMETER).codec is CodecId.NONE
+    assert policy.choose_for(1 << 20, torch.float16, TensorRole.PARAMETER).codec is CodecId.FP16
+    assert policy.choose_for(1 << 20, torch.float16, TensorRole.OPTIMIZER_STATE).codec is CodecId.NONE
+
+
+@pytest.mark.parametrize("role", list(TensorRole))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64, torch.int32, torch.bool])
+def test_every_adaptive_choice_can_encode_its_tensor(role: TensorRole, dtype: torch.dtype) -> None:
+    policy = AdaptiveCompression(small_tensor_elements=1000)
+    for n in (10, 5000):
+        x = torch.ones(n, dtype=dtype)
+        assert torch.equal(round_trip(x, policy.choose(x, role)), x)
