@@ -749,10 +749,10 @@ class RPC:
                     reader = tg.create_task(call._read_loop(), name=f"rpc reply reader {method}")
                     yield call
                     await call._close(config.close_grace)
-                    # A clean end: the reader stops at the handler side's EOF.
-                    async with asyncio.timeout(config.close_grace):
-                        await asyncio.wait([reader])
-                    ok = True
+                    # A clean end: the reader stops at the handler side's EOF. A peer that never closes its
+                    # side does not fail a call that already completed: its stream is reset instead.
+                    await asyncio.wait([reader], timeout=config.close_grace)
+                    ok = reader.done()
                 finally:
                     if not ok:
                         stream.reset()
