@@ -127,7 +127,7 @@ class Lookup:
         active = sum(1 for t in sent.values() if t > cutoff)
         state = self._state
         requests: list[tuple[int, Address]] = []
-        window = 0
+        window = responded = 0
         for _, node_id in self._order:
             status = state[node_id]
             if status == _FAILED or (status == _IN_FLIGHT and sent[node_id] <= cutoff):
@@ -137,11 +137,15 @@ class Lookup:
                 sent[node_id] = now
                 requests.append((node_id, self._addr[node_id]))
                 active += 1
+            elif status == _RESPONDED:
+                responded += 1
             window += 1
             if window >= config.k:
                 break
         self.messages += len(requests)
-        if active == 0:
+        # Slow requests stop blocking the end only once k closer-or-equal nodes have answered instead;
+        # with fewer answers they are all we have left, so wait for their reply or their hard failure.
+        if active == 0 and (responded >= config.k or not sent):
             self.done = True
         return requests
 
@@ -172,12 +176,13 @@ class Lookup:
         del self._sent[node_id]
         self.failures += 1
 
-    def get_timer(self) -> float | None:
+    def get_timer(self, now: float) -> float | None:
         """When the next in-flight request passes its soft timeout (call :meth:`next_requests` then)."""
-        if self.done or not self._sent:
+        if self.done:
             return None
         soft = self.config.soft_timeout
-        return min(t + soft for t in self._sent.values())
+        pending = [t + soft for t in self._sent.values() if t + soft > now]
+        return min(pending) if pending else None
 
     def in_flight(self) -> list[int]:
         """Peers with an unanswered request (including slow ones past the soft timeout)."""
