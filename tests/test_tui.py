@@ -24,7 +24,8 @@ from volunteer.errors import ControlError
 from volunteer.paths import Paths
 from volunteer.tui.app import PAUSE_REASON, VolunteerApp
 from volunteer.tui.preferences import PreferencesScreen, input_id
-from volunteer.tui.widgets import LossSparkline, StateLine, cap_bar, human_bytes, human_duration
+from volunteer.tui.text import human_bytes, human_duration
+from volunteer.tui.widgets import LossSparkline, StateLine, cap_bar
 
 SIZE = (120, 36)
 T0 = 1_700_000_000.0

@@ -7,13 +7,20 @@ Commands import their heavy dependencies (torch, the network stack) inside the f
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from volunteer import __version__
 from volunteer.config_cli import config_app, info
 from volunteer.paths import Paths
+
+if TYPE_CHECKING:
+    from volunteer.client.control import RemoteControl
+    from volunteer.client.runtime import ClientRuntime
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="volunteer",
@@ -73,6 +80,94 @@ def identity(
     typer.echo(f"peer id     {info['peer_id']}")
     typer.echo(f"public key  {info['public_key']}")
     typer.echo(f"key file    {info['key_file']}")
+
+
+# --- the running client: start, status, pause, resume, stop --------------------------------------------
+
+
+@app.command()
+def start(
+    headless: Annotated[
+        bool, typer.Option("--headless", help="No dashboard: JSON-lines logs and status on stdout.")
+    ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics on 127.0.0.1:PORT (0: any free port, logged).",
+        ),
+    ] = None,
+) -> None:
+    """Run the client: the dashboard when stdout is a terminal, headless otherwise."""
+    import sys
+
+    from coordinator_free_dht.errors import IdentityError
+    from volunteer.client.launch import Dashboard, start_client
+    from volunteer.errors import VolunteerError
+
+    paths = Paths.default()
+    dashboard: Dashboard | None = None
+    if not headless and sys.stdout.isatty() and sys.stdin.isatty():
+        from volunteer.tui.app import run_dashboard
+
+        def dashboard(runtime: ClientRuntime) -> Awaitable[None]:
+            return run_dashboard(runtime, paths)
+
+    try:
+        start_client(paths, stdout=sys.stdout, dashboard=dashboard, metrics_port=metrics_port)
+    except (VolunteerError, IdentityError) as exc:
+        raise fail(str(exc)) from exc
+
+
+def _remote(call: Callable[[RemoteControl], Coroutine[Any, Any, T]]) -> T:
+    """Run one control call against the running client, turning its errors into a clean exit."""
+    import asyncio
+
+    from volunteer.client.control import RemoteControl
+    from volunteer.errors import ControlError
+
+    try:
+        return asyncio.run(call(RemoteControl.from_paths(Paths.default())))
+    except ControlError as exc:
+        raise fail(str(exc)) from exc
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status snapshot as JSON.")] = False,
+) -> None:
+    """Show what the running client is doing."""
+    from volunteer.tui.text import format_status
+
+    snap = _remote(lambda remote: remote.status())
+    typer.echo(json.dumps(snap.to_dict()) if as_json else format_status(snap))
+
+
+@app.command()
+def pause(
+    reason: Annotated[
+        str, typer.Option("--reason", help="Shown in the dashboard and status.")
+    ] = "paused from the command line",
+) -> None:
+    """Pause the running client's work (until `volunteer resume`)."""
+    _remote(lambda remote: remote.pause(reason))
+    typer.echo(f"paused: {reason}")
+
+
+@app.command()
+def resume() -> None:
+    """Lift a pause made with `volunteer pause` or the dashboard (the throttle's own limits still apply)."""
+    _remote(lambda remote: remote.resume())
+    typer.echo("resumed")
+
+
+@app.command()
+def stop() -> None:
+    """Stop the running client gracefully."""
+    _remote(lambda remote: remote.stop())
+    typer.echo("stop requested")
 
 
 # --- this machine: hardware profile and computing preferences (volunteer.config_cli) ----------------------

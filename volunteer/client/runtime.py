@@ -35,12 +35,18 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
+from coordinator_free_dht.identity import Identity
 from volunteer import __version__
 from volunteer.client.control import Control, ControlService, LoopbackServer
+from volunteer.client.hostview import HostViewBuilder, machine_summary
 from volunteer.client.lock import InstanceLock
 from volunteer.client.logs import LogBuffer
 from volunteer.client.metrics import metrics_handler
 from volunteer.client.status import HostUse, RoleReport, State, StatusSnapshot
+from volunteer.config import Preferences
+from volunteer.errors import ClientError
+from volunteer.host.detect import detect_profile
+from volunteer.host.monitor import HostMonitor, Sampler
 from volunteer.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -87,6 +93,10 @@ class Monitor(Protocol):
         """Lift a manual pause."""
         ...
 
+    def update_preferences(self, prefs: Preferences) -> None:
+        """Apply new preferences at once."""
+        ...
+
 
 HostView = Callable[[], HostUse | None]
 """Reads the monitor's latest readings and decision as a :class:`HostUse` (``None`` before the first sample)."""
@@ -111,8 +121,12 @@ class ClientRuntime:
         log_buffer: LogBuffer | None = None,
         metrics_port: int | None = None,
         serve_control: bool = True,
+        lock: InstanceLock | None = None,
+        on_preferences: Callable[[Preferences], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``lock`` may be taken already (the CLI takes it before the slow hardware detection);
+        ``on_preferences`` also receives preferences saved from the dashboard (the host view's caps)."""
         self._paths = paths
         self._peer_id = peer_id
         self._monitor = monitor
@@ -123,6 +137,8 @@ class ClientRuntime:
         self._metrics_port = metrics_port
         self._serve_control = serve_control
         self._clock = clock
+        self._lock = lock if lock is not None else InstanceLock(paths.state_dir)
+        self._on_preferences = on_preferences
         self._started_at = clock()
         self.report = RoleReport()
         """Where the roles report; read by :meth:`snapshot`."""
@@ -153,7 +169,7 @@ class ClientRuntime:
     async def run(self) -> None:
         """Run until :meth:`request_stop`; raises :class:`~volunteer.errors.AlreadyRunningError` if another client runs."""
         try:
-            with InstanceLock(self._paths.state_dir):
+            with self._lock:
                 log.info("client %s started (peer %s)", __version__, self._peer_id[:10])
                 try:
                     async with asyncio.TaskGroup() as tg:
@@ -169,6 +185,13 @@ class ClientRuntime:
         finally:
             self.finished.set()
 
+    def apply_preferences(self, prefs: Preferences) -> None:
+        """New preferences (saved from the dashboard): the monitor applies them at once."""
+        self._monitor.update_preferences(prefs)
+        if self._on_preferences is not None:
+            self._on_preferences(prefs)
+        log.info("preferences updated")
+
     async def _serve_endpoints(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
             if self._serve_control:
@@ -176,7 +199,12 @@ class ClientRuntime:
                 self.control_port = server.port
             if self._metrics_port is not None:
                 metrics = LoopbackServer(metrics_handler(self.snapshot), port=self._metrics_port)
-                await stack.enter_async_context(metrics)
+                try:
+                    await stack.enter_async_context(metrics)
+                except OSError as exc:
+                    raise ClientError(
+                        f"cannot serve metrics on 127.0.0.1:{self._metrics_port}: {exc.strerror or exc}"
+                    ) from exc
                 self.metrics_port = metrics.port
                 log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", metrics.port)
             self.ready.set()
@@ -247,3 +275,43 @@ class RuntimeControl:
     async def stop(self) -> None:
         """Request a graceful stop."""
         self._runtime.request_stop()
+
+
+async def create_runtime(
+    paths: Paths,
+    *,
+    prefs: Preferences,
+    lock: InstanceLock,
+    log_buffer: LogBuffer | None = None,
+    metrics_port: int | None = None,
+    roles: Sequence[Role] = (),
+    monitor_interval_s: float = 1.0,
+    sampler: Sampler | None = None,
+) -> ClientRuntime:
+    """Build the runtime from the real parts: identity, detected hardware, preferences, host monitor.
+
+    Detection runs in a worker thread (it may run a short compute benchmark the first time; the result is
+    cached under ``paths.cache_dir``).
+    """
+    identity, created = Identity.load_or_create(paths.identity_file)
+    if created:
+        log.info("created a new identity in %s", paths.identity_file)
+    profile = await asyncio.to_thread(detect_profile, disk_path=paths.data_dir, cache_dir=paths.cache_dir)
+    monitor = HostMonitor(profile, prefs, sampler, interval_s=monitor_interval_s)
+    view = HostViewBuilder(profile, prefs, time.monotonic)
+
+    def on_preferences(new: Preferences) -> None:
+        view.prefs = new
+
+    return ClientRuntime(
+        paths=paths,
+        peer_id=str(identity.peer_id),
+        monitor=monitor,
+        host_view=lambda: view.build(monitor.readings, monitor.decision),
+        roles=roles,
+        machine=machine_summary(profile),
+        log_buffer=log_buffer,
+        metrics_port=metrics_port,
+        lock=lock,
+        on_preferences=on_preferences,
+    )

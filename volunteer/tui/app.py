@@ -23,6 +23,7 @@ from textual.widgets import Footer, Header
 
 from volunteer import __version__
 from volunteer.client.control import Control
+from volunteer.client.runtime import ClientRuntime
 from volunteer.client.status import StatusSnapshot
 from volunteer.config import Preferences
 from volunteer.errors import VolunteerError
@@ -158,3 +159,23 @@ class VolunteerApp(App[None]):
         self.query_one(StateLine).update("stopping the client…")
         await self._command("stop", self.control.stop)
         self.exit()
+
+
+async def run_dashboard(runtime: ClientRuntime, paths: Paths) -> None:
+    """Run ``runtime`` under the dashboard: leaving the dashboard stops the client, and a client stopped from
+    elsewhere (``volunteer stop``, SIGTERM) closes the dashboard."""
+    app = VolunteerApp(runtime.control, paths, on_preferences=runtime.apply_preferences)
+
+    async def close_when_finished() -> None:
+        await runtime.finished.wait()
+        app.exit()
+
+    async with asyncio.TaskGroup() as tg:
+        client = tg.create_task(runtime.run(), name="runtime")
+        watcher = tg.create_task(close_when_finished(), name="dashboard-closer")
+        try:
+            await app.run_async()
+        finally:
+            runtime.request_stop()
+        await client
+        watcher.cancel()

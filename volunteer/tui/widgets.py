@@ -11,6 +11,7 @@ from rich.text import Text
 from textual.widgets import RichLog, Sparkline, Static
 
 from volunteer.client.status import HostUse, LogLine, StatusSnapshot
+from volunteer.tui.text import human_bytes, human_duration, human_rate
 
 STATE_STYLE = {
     "starting": "bold cyan",
@@ -22,31 +23,6 @@ STATE_STYLE = {
 }
 LEVEL_STYLE = {"DEBUG": "dim", "INFO": "", "WARNING": "yellow", "ERROR": "bold red", "CRITICAL": "bold white on red"}
 BAR_WIDTH = 20
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_rate(bps: float) -> str:
-    """Bytes per second as ``"1.2 MiB/s"``."""
-    return human_bytes(bps) + "/s"
-
-
-def human_duration(seconds: float) -> str:
-    """``3725`` -> ``"1h 02m"``; under an hour ``"12m 05s"``."""
-    s = int(seconds)
-    if s >= 86400:
-        return f"{s // 86400}d {s % 86400 // 3600:02d}h"
-    if s >= 3600:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 60}m {s % 60:02d}s"
 
 
 def cap_bar(used: float, cap: float | None, scale: float, width: int = BAR_WIDTH) -> Text:
