@@ -68,7 +68,7 @@ class FrameKind(enum.IntEnum):
     """The caller abandons the call; the handler is cancelled (empty payload)."""
 
 
-_KINDS: Final = frozenset(int(kind) for kind in FrameKind)
+_KIND_BY_VALUE: Final = {int(kind): kind for kind in FrameKind}
 _EMPTY_KINDS: Final = frozenset({FrameKind.END, FrameKind.CANCEL})
 
 
@@ -281,28 +281,35 @@ class FrameDecoder:
 
     def _feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         frames: list[Frame] = []
-        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-        whole = data if isinstance(data, bytes) else None
-        pos, end = 0, len(view)
+        if not isinstance(data, bytes):
+            data = bytes(data)  # transports hand us bytes; anything else is copied once here
+        pos, end = 0, len(data)
         while pos < end:
             kind = self._frames_kind
             if kind is None:
-                take = min(PREFIX_SIZE - len(self._prefix), end - pos)
-                self._prefix += view[pos : pos + take]
-                pos += take
-                if len(self._prefix) < PREFIX_SIZE:
-                    break
-                kind = self._start_frame(bytes(self._prefix))
-                self._prefix.clear()
-                if self._need == 0:
-                    frames.append(Frame(kind, b""))
+                if self._prefix or end - pos < PREFIX_SIZE:
+                    take = min(PREFIX_SIZE - len(self._prefix), end - pos)
+                    self._prefix += data[pos : pos + take]
+                    pos += take
+                    if len(self._prefix) < PREFIX_SIZE:
+                        break
+                    kind = self._start_frame(*PREFIX.unpack(self._prefix))
+                    self._prefix.clear()
+                else:
+                    # Fast path: the whole prefix is in this read; parse it in place.
+                    kind = self._start_frame(*PREFIX.unpack_from(data, pos))
+                    pos += PREFIX_SIZE
+                need = self._need
+                if end - pos >= need:
+                    # The whole payload is here too: one slice, no buffering.
+                    payload = data if (pos == 0 and need == end) else data[pos : pos + need]
+                    pos += need
+                    self._need = 0
+                    frames.append(Frame(kind, payload))
                     continue
                 self._frames_kind = kind
             take = min(self._need, end - pos)
-            if whole is not None and pos == 0 and take == end:
-                self._parts.append(whole)  # the whole input belongs to this payload: keep it, no copy
-            else:
-                self._parts.append(bytes(view[pos : pos + take]))
+            self._parts.append(data if (pos == 0 and take == end) else data[pos : pos + take])
             pos += take
             self._need -= take
             if self._need == 0:
@@ -312,15 +319,14 @@ class FrameDecoder:
                 frames.append(Frame(kind, payload))
         return frames
 
-    def _start_frame(self, prefix: bytes) -> FrameKind:
-        version, raw_kind, length = PREFIX.unpack(prefix)
+    def _start_frame(self, version: int, raw_kind: int, length: int) -> FrameKind:
         if version != self._version:
             raise VersionMismatchError(
                 f"peer speaks wire protocol v{version}, we speak v{self._version}",
             )
-        if raw_kind not in _KINDS:
+        kind = _KIND_BY_VALUE.get(raw_kind)
+        if kind is None:
             raise MalformedFrameError(f"unknown frame kind {raw_kind}")
-        kind = FrameKind(raw_kind)
         if kind in _EMPTY_KINDS and length:
             raise MalformedFrameError(f"a {kind.name} frame has no payload, got a length of {length}")
         limit = self._kind_limits.get(kind, self._max)
