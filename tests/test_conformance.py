@@ -10,6 +10,7 @@ import pytest
 from coordinator_free_dht.identity import Identity
 from coordinator_free_dht.net.tls import TLSTransport
 from coordinator_free_dht.net.transport import StreamHandler, Transport
+from coordinator_free_dht.testing.clock import run_virtual
 from coordinator_free_dht.testing.conformance import CHECKS, Check, TransportFactory
 
 try:  # the QUIC transport lands separately; run it here as soon as it exists
@@ -65,3 +66,20 @@ _SLOW = {("quic", "check_large_payload_integrity")}
 )
 async def test_conformance(kind: str, check: Check) -> None:
     await check(FACTORIES[kind]())
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))
+def test_conformance_mem_in_virtual_time(check: Check) -> None:
+    """The simulated network passes the suite in virtual time too, with real WAN-like latency and loss."""
+    from coordinator_free_dht.net.memory import LinkProfile, MemoryNetwork, MemoryTransport
+
+    async def main() -> None:
+        link = LinkProfile(latency=0.04, bandwidth=50e6, loss=0.01)
+        network = MemoryNetwork(random.Random(7), default_link=link)
+
+        def make(identity: Identity, handler: StreamHandler) -> Transport:
+            return MemoryTransport(identity, handler, network)
+
+        await check(make)
+
+    run_virtual(main())
