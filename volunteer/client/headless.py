@@ -27,20 +27,30 @@ def status_line(snap: StatusSnapshot) -> dict[str, object]:
 
 
 async def report_status(runtime: ClientRuntime, out: JsonLinesHandler, *, interval_s: float) -> None:
-    """Write status lines until the runtime has finished: on every state change and every ``interval_s``."""
+    """Write status lines until the runtime has finished: at once on every change of state or reason, and
+    every ``interval_s`` seconds."""
     last_key: tuple[str, str] | None = None
     last_time = -float("inf")
     loop = asyncio.get_running_loop()
-    while not runtime.finished.is_set():
+
+    def write(force: bool) -> None:
+        nonlocal last_key, last_time
         snap = runtime.snapshot()
         key = (snap.state, snap.reason)
-        if key != last_key or loop.time() - last_time >= interval_s:
+        if force or key != last_key or loop.time() - last_time >= interval_s:
             out.write_line(status_line(snap))
             last_key, last_time = key, loop.time()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(CHECK_INTERVAL_S, interval_s)):
-                await runtime.finished.wait()
-    out.write_line(status_line(runtime.snapshot()))
+
+    unsubscribe = runtime.on_change(lambda: write(force=False))
+    try:
+        while not runtime.finished.is_set():
+            write(force=False)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(CHECK_INTERVAL_S, interval_s)):
+                    await runtime.finished.wait()
+    finally:
+        unsubscribe()
+    write(force=False)  # the final state, unless a listener wrote it already
 
 
 async def run_headless(runtime: ClientRuntime, out: JsonLinesHandler, *, interval_s: float = 30.0) -> None:

@@ -46,7 +46,8 @@ from volunteer.client.status import HostUse, RoleReport, State, StatusSnapshot
 from volunteer.config import Preferences
 from volunteer.errors import ClientError
 from volunteer.host.detect import detect_profile
-from volunteer.host.monitor import HostMonitor, Sampler
+from volunteer.host.monitor import HostMonitor, Sampler, lower_process_priority
+from volunteer.host.throttle import ThrottleDecision
 from volunteer.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,10 @@ class Monitor(Protocol):
 
     def update_preferences(self, prefs: Preferences) -> None:
         """Apply new preferences at once."""
+        ...
+
+    def on_change(self, callback: Callable[[ThrottleDecision], None]) -> Callable[[], None]:
+        """Call ``callback`` on every changed decision; returns the unsubscribe function."""
         ...
 
 
@@ -154,12 +159,28 @@ class ClientRuntime:
         """The control endpoint's port, once :attr:`ready`."""
         self.metrics_port: int | None = None
         """The metrics endpoint's port, once :attr:`ready` (if one was asked for)."""
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (synchronously) whenever the state may have changed: a throttle decision, a
+        control command, a stop request. Returns a function that unsubscribes."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    def notify_change(self) -> None:
+        """Tell the listeners that the state may have changed (roles may call it after changing ``report.state``)."""
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception:
+                log.exception("a status listener failed")
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to stop gracefully (idempotent; safe from signal handlers on the loop)."""
         if not self._stop_requested.is_set():
             log.info("stopping")
-        self._stop_requested.set()
+            self._stop_requested.set()
+            self.notify_change()
 
     @property
     def stopping(self) -> bool:
@@ -169,6 +190,7 @@ class ClientRuntime:
     async def run(self) -> None:
         """Run until :meth:`request_stop`; raises :class:`~volunteer.errors.AlreadyRunningError` if another client runs."""
         try:
+            unsubscribe = self._monitor.on_change(lambda _decision: self.notify_change())
             with self._lock:
                 log.info("client %s started (peer %s)", __version__, self._peer_id[:10])
                 try:
@@ -183,6 +205,7 @@ class ClientRuntime:
                     pass
                 log.info("client stopped")
         finally:
+            unsubscribe()
             self.finished.set()
 
     def apply_preferences(self, prefs: Preferences) -> None:
@@ -266,11 +289,13 @@ class RuntimeControl:
         """Pause through the monitor's manual override."""
         log.info("paused: %s", reason)
         self._runtime._monitor.pause(reason)
+        self._runtime.notify_change()
 
     async def resume(self) -> None:
         """Lift the manual pause."""
         log.info("resumed")
         self._runtime._monitor.resume()
+        self._runtime.notify_change()
 
     async def stop(self) -> None:
         """Request a graceful stop."""
@@ -297,6 +322,7 @@ async def create_runtime(
     if created:
         log.info("created a new identity in %s", paths.identity_file)
     profile = await asyncio.to_thread(detect_profile, disk_path=paths.data_dir, cache_dir=paths.cache_dir)
+    lower_process_priority()  # as BOINC does: the owner's programs always come first
     monitor = HostMonitor(profile, prefs, sampler, interval_s=monitor_interval_s)
     view = HostViewBuilder(profile, prefs, time.monotonic)
 
