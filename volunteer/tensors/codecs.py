@@ -455,7 +455,10 @@ class Uniform8Codec(_StatisticsCodec):
     def encode_finite(self, x: torch.Tensor, compression: Compression, low: float, high: float) -> Encoded:
         """``round((x - low) / step)`` clamped to 0..255."""
         mean, std = _mean_std(x)
-        low, high = max(low, mean - UNIFORM_SIGMAS * std), min(high, mean + UNIFORM_SIGMAS * std)
+        # Clipped to the actual range, never inverted (float32 rounding of the mean can put mean +- 6 std
+        # outside the range of a near-constant tensor).
+        low, high = min(max(low, mean - UNIFORM_SIGMAS * std), high), max(min(high, mean + UNIFORM_SIGMAS * std), low)
+        high = max(high, low)
         # Keep ``low + 255 * step`` inside float32 even for values near its limit (they saturate instead).
         low, high = max(low, -_F32_MAX / 4), min(high, _F32_MAX / 4)
         step = (high - low) / 255.0
@@ -522,7 +525,8 @@ class Quantile8Codec(_StatisticsCodec):
             grid_low, grid_high = low, high
         cells = QUANTILE_GRID
         scale = cells / (grid_high - grid_low) if grid_high > grid_low else 0.0
-        if not math.isfinite(scale):
+        if not scale < _F32_MAX:
+            # A range of a few subnormals: the grid's scale would overflow float32 (and 0 * inf is NaN).
             scale = 0.0
         edges = torch.arange(cells + 1, dtype=torch.float64).div_(scale if scale else 1.0).add_(grid_low)
         edge_codes = torch.bucketize(edges.to(torch.float32), boundaries)
@@ -532,7 +536,7 @@ class Quantile8Codec(_StatisticsCodec):
         exact = torch.ones(cells + 2, dtype=torch.bool)
         if scale:
             torch.ne(edge_codes[:-1], edge_codes[1:], out=exact[1:-1])
-        else:
+        elif low == high:
             exact[1] = False  # a constant tensor: every value is in cell 1, which holds one value
         out = torch.empty(self._CODEBOOK_BYTES + n, dtype=torch.uint8)
         codes = out[self._CODEBOOK_BYTES :]
