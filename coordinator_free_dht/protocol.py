@@ -18,8 +18,8 @@ mode)::
     {"type": "find", "t": ..., "addr": ..., "keys": [id32, ...], "value": true}
     {"type": "store", "t": ..., "addr": ..., "records": [[key, subkey|None, value, expiration, sig], ...]}
 
-Replies: ``{"t": ...}`` for ping; ``{"t", "results": [[nodes, entry|None], ...]}`` for find, where nodes is
-``[[id32, addr], ...]`` and entry ``[0, value, expiration, sig]`` (plain) or ``[1, [[subkey, value,
+Replies: ``{"t": ...}`` for ping; ``{"t", "results": [[ids, addrs, entry|None], ...]}`` for find, where ids
+is the concatenation of the nearest nodes' 32-byte ids, addrs their addresses in the same order, and entry ``[0, value, expiration, sig]`` (plain) or ``[1, [[subkey, value,
 expiration, sig], ...]]`` (dictionary); ``{"t", "stored": [bool, ...], "reasons": [str, ...]}`` for store.
 
 Clocks: every message carries its sender's wall time, so each contact measures the offset between the two
@@ -281,7 +281,9 @@ class DHTProtocol:
             if type(raw) is not bytes or len(raw) != ID_BYTES:
                 raise DHTProtocolError(f"each key must be a {ID_BYTES}-byte id")
             target = int.from_bytes(raw, "big")
-            nodes = [[id_to_bytes(i), a] for i, a in self.table.nearest(target, k, exclude)]
+            nearest = self.table.nearest(target, k, exclude)
+            ids = b"".join([i.to_bytes(ID_BYTES, "big") for i, _ in nearest])
+            addresses = [a for _, a in nearest]
             wire_entry = None
             if want_value:
                 entry = self.storage.get(target, now)
@@ -291,7 +293,7 @@ class DHTProtocol:
                         wire_entry = None
                     else:
                         budget -= size
-            results.append([nodes, wire_entry])
+            results.append([ids, addresses, wire_entry])
         return {"results": results}
 
     def _handle_store(self, sender_id: int, request: dict[Any, Any], now: float) -> dict[str, Any]:
@@ -387,23 +389,26 @@ class DHTProtocol:
         max_address = self.config.max_address_length
         parsed = []
         for item, raw_key in zip(results, raw_keys, strict=True):
-            if type(item) is not list or len(item) != 2 or type(item[0]) is not list or len(item[0]) > k:
-                raise DHTProtocolError(f"a FIND result is [nodes (at most {k}), entry]")
-            nodes = []
-            for pair in item[0]:
-                if (
-                    type(pair) is not list
-                    or len(pair) != 2
-                    or type(pair[0]) is not bytes
-                    or len(pair[0]) != ID_BYTES
-                    or type(pair[1]) is not str
-                    or len(pair[1]) > max_address
-                ):
-                    raise DHTProtocolError("a node in a FIND reply is [32-byte id, address string]")
-                nodes.append((int.from_bytes(pair[0], "big"), pair[1]))
+            if type(item) is not list or len(item) != 3:
+                raise DHTProtocolError("a FIND result is [ids, addresses, entry]")
+            ids, addresses, raw_entry = item
+            if (
+                type(ids) is not bytes
+                or type(addresses) is not list
+                or len(ids) != ID_BYTES * len(addresses)
+                or len(addresses) > k
+            ):
+                raise DHTProtocolError(f"a FIND result has at most {k} nodes: 32-byte ids and as many addresses")
+            for address_item in addresses:
+                if type(address_item) is not str or len(address_item) > max_address:
+                    raise DHTProtocolError(f"an address is a string of at most {max_address} characters")
+            nodes = [
+                (int.from_bytes(ids[start : start + ID_BYTES], "big"), addresses[index])
+                for index, start in enumerate(range(0, len(ids), ID_BYTES))
+            ]
             entry = None
-            if item[1] is not None:
-                entry = self._entry_from_wire(item[1], raw_key, now)
+            if raw_entry is not None:
+                entry = self._entry_from_wire(raw_entry, raw_key, now)
             parsed.append(FindResult(nodes, entry))
         return parsed
 

@@ -63,11 +63,12 @@ class RoutingConfig:
 class KBucket:
     """Contacts whose ids fall in ``[lower, upper)``, least recently seen first (section 2.2)."""
 
-    __slots__ = ("contacts", "last_ping", "last_updated", "lower", "replacements", "upper")
+    __slots__ = ("contacts", "last_ping", "last_updated", "lower", "replacements", "span_bits", "upper")
 
     def __init__(self, lower: int, upper: int, now: float) -> None:
         self.lower = lower
         self.upper = upper
+        self.span_bits = (upper - lower).bit_length() - 1
         self.contacts: dict[int, Address] = {}
         self.replacements: dict[int, Address] = {}
         self.last_updated = now
@@ -84,7 +85,7 @@ class KBucket:
 
     def min_distance(self, target: int) -> int:
         """The smallest XOR distance from ``target`` to any id in this bucket's range."""
-        span_bits = (self.upper - self.lower).bit_length() - 1
+        span_bits = self.span_bits
         return ((self.lower ^ target) >> span_bits) << span_bits
 
     def split(self, now: float) -> tuple[KBucket, KBucket]:
@@ -226,15 +227,19 @@ class RoutingTable:
         if len(self.buckets) == 1:
             candidates = [(i ^ target, i, a) for i, a in self.buckets[0].contacts.items() if i not in excluded]
             return [(i, a) for _, i, a in heapq.nsmallest(n, candidates)]
-        order = sorted(self.buckets, key=lambda b: b.min_distance(target))
+        # Aligned ranges: the smallest distance a bucket allows is its lower bound XOR target, low bits cleared.
+        order = sorted(
+            [(((b.lower ^ target) >> b.span_bits) << b.span_bits, index) for index, b in enumerate(self.buckets)]
+        )
+        buckets = self.buckets
         found: list[tuple[int, int, Address]] = []
-        for bucket in order:
+        for min_distance, index in order:
             if len(found) >= n:
                 found.sort()
                 del found[n:]
-                if bucket.min_distance(target) > found[-1][0]:
+                if min_distance > found[-1][0]:
                     break
-            found.extend((i ^ target, i, a) for i, a in bucket.contacts.items() if i not in excluded)
+            found.extend([(i ^ target, i, a) for i, a in buckets[index].contacts.items() if i not in excluded])
         found.sort()
         return [(i, a) for _, i, a in found[:n]]
 
