@@ -153,3 +153,10 @@ class RateLimitedError(StoreRejectedError):
 
 class StorageFullError(StoreRejectedError):
     """Storage is full and the incoming record would expire before everything already stored."""
+
+
+# --- dht node ---------------------------------------------------------------------------------------
+
+
+class BootstrapError(DHTError):
+    """None of the initial peers answered, after every retry: the node cannot join the network."""
