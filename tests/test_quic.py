@@ -25,7 +25,7 @@ from coordinator_free_dht.errors import (
 )
 from coordinator_free_dht.identity import Identity, PeerID
 from coordinator_free_dht.net.quic import QuicConfig, QuicTransport
-from coordinator_free_dht.net.transport import Address, Stream
+from coordinator_free_dht.net.transport import Address, Connection, Stream
 
 Handler = Callable[[Stream], Awaitable[None]]
 
@@ -301,6 +301,60 @@ async def test_closing_the_transport_cancels_handlers_and_refuses_use() -> None:
                 await server.connect(address, client.local_peer)
             with pytest.raises(ConnectionLostError):
                 await read_all(stream)
+
+
+class _BodyError(Exception):
+    """Raised by a test body inside ``async with QuicTransport``."""
+
+
+async def test_body_exception_propagates_unwrapped_and_everything_closes() -> None:
+    started = asyncio.Event()
+    lost = asyncio.Event()
+
+    async def handler(stream: Stream) -> None:
+        assert await stream.read() == b"x"
+        started.set()
+        with pytest.raises(ConnectionLostError):
+            await stream.read()
+        lost.set()
+
+    client = QuicTransport(Identity.generate(), echo, FAST)
+    conns: list[Connection] = []
+
+    async def use_then_fail(server: QuicTransport, address: Address) -> None:
+        async with client:
+            conns.append(await client.connect(address, server.local_peer))
+            stream = await conns[0].open_stream()
+            await stream.write(b"x")
+            await started.wait()
+            raise _BodyError("boom")
+
+    async with peer(handler) as (server, address), asyncio.timeout(30):
+        with pytest.raises(_BodyError, match="boom") as info:
+            await use_then_fail(server, address)
+        assert type(info.value) is _BodyError  # not an ExceptionGroup around it
+        assert conns[0].is_closed
+        await lost.wait()  # the client's closing reached the server's handler
+        with pytest.raises(TransportClosedError):
+            await client.connect(address, server.local_peer)
+
+
+async def test_cancelling_the_body_propagates_cancellation_not_a_group() -> None:
+    inside = asyncio.Event()
+
+    async def body() -> None:
+        async with peer() as (transport, _):
+            assert transport.listen_addresses
+            inside.set()
+            await asyncio.sleep(3600)
+
+    async with asyncio.timeout(30):
+        task = asyncio.create_task(body())
+        await inside.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
 
 
 _CHILD = textwrap.dedent(

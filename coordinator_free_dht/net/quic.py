@@ -810,7 +810,10 @@ class QuicTransport(Transport):
             for fut in self._dials.values():
                 fut.cancel()
             if self._tg is not None:
-                await self._tg.__aexit__(exc_type, exc, tb)
+                # The body's own exception is not handed to the task group: it would come back wrapped in
+                # an ExceptionGroup. Our tasks are cancelled above, so the group only waits for them to end;
+                # then the body's exception (or cancellation) propagates as itself.
+                await self._tg.__aexit__(None, None, None)
         finally:
             for endpoint in self._endpoints:
                 endpoint.close()
