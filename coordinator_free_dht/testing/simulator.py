@@ -80,6 +80,8 @@ class SimConfig:
     """Lifetime of stored values."""
     join_refreshes: int = 2
     """Bucket refresh lookups a joining node runs after looking up its own id (farthest buckets first)."""
+    read_back: bool = True
+    """Read every key back after storing it (False: stores only, e.g. to count replicas)."""
     check_wire: bool = False
     """Round-trip every message through msgpack (proves the messages are wire-ready; slower)."""
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
@@ -227,6 +229,7 @@ class Simulator:
         self.replaced = 0
         self._values: dict[int, bytes] = {}
         self._storer: dict[int, int] = {}
+        self._stored: set[int] = set()  # keys whose store operation has finished
         self._busy: dict[int, int] = {}  # slot -> running store/get operations it initiated
         self._store_ok = 0
         self._store_done = 0
@@ -294,6 +297,16 @@ class Simulator:
 
     # --- the event loop -----------------------------------------------------------------------------
 
+    def schedule(self, kind: str, index: int, when: float) -> None:
+        """Schedule a ``"store"`` or ``"get"`` of key ``f"key-{index}"`` at virtual time ``when``.
+
+        :meth:`run` schedules the configured experiment on its first call; later calls only process what was
+        scheduled since (a second store of a key writes it again with a later expiration).
+        """
+        if kind not in ("store", "get"):
+            raise ValueError(f"unknown operation {kind!r}")
+        self._push(max(when, self.now), _START_OP, (kind, index))
+
     def _push(self, when: float, kind: int, payload: Any) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (when, self._seq, kind, payload))
@@ -308,22 +321,20 @@ class Simulator:
         return _EPOCH + self.now + self._skew[slot]
 
     def run(self) -> SimReport:
-        """Build the network, schedule stores, gets and churn, and run until every operation ended."""
+        """Build the network, schedule stores, gets and churn, and run until no event is left."""
         started = time.perf_counter()
         config = self.config
         rng = self.rng
         if not self.ids:
             self.build()
-        schedule = []
-        for index in range(config.keys):
-            schedule.append(("store", index))
-        for index in range(config.keys):
-            schedule.append(("get", index))
-        for position, item in enumerate(schedule):
-            self._push(position * config.op_interval, _START_OP, item)
-        span = len(schedule) * config.op_interval + 2 * config.rpc_timeout
-        for _ in range(round(config.churn * config.nodes)):
-            self._push(rng.uniform(0.0, span), _CHURN, None)
+            operations = [("store", index) for index in range(config.keys)]
+            if config.read_back:
+                operations += [("get", index) for index in range(config.keys)]
+            for position, (operation, index) in enumerate(operations):
+                self.schedule(operation, index, position * config.op_interval)
+            span = len(operations) * config.op_interval + 2 * config.rpc_timeout
+            for _ in range(round(config.churn * config.nodes)):
+                self._push(rng.uniform(0.0, span), _CHURN, None)
         heap = self._heap
         while heap:
             when, _, kind, payload = heapq.heappop(heap)
@@ -509,6 +520,9 @@ class Simulator:
             self._storer[key_id] = slot
             op = _Op("store", slot, key_id, raw_key, value)
             self._begin_lookup(op, want_value=False)
+        elif key_id not in self._stored:
+            # Its store is still running (slow peers, retries): read it once the write has finished.
+            self._push(self.now + 0.5, _START_OP, (kind, index))
         else:
             slot = self._random_live(avoid=self._storer[key_id])
             op = _Op("get", slot, key_id, raw_key, self._values[key_id])
@@ -608,6 +622,7 @@ class Simulator:
         self._latencies.append(self.now - op.started if op.lookup is not None else 0.0)
 
     def _finish_store(self, op: _Op) -> None:
+        self._stored.add(op.key_id)
         self._release(op)
         op.finished = True
         self._store_done += 1
