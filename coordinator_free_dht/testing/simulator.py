@@ -229,7 +229,8 @@ class Simulator:
         self.replaced = 0
         self._values: dict[int, bytes] = {}
         self._storer: dict[int, int] = {}
-        self._stored: set[int] = set()  # keys whose store operation has finished
+        self._stored: set[int] = set()
+        self._started = False  # keys whose store operation has finished
         self._busy: dict[int, int] = {}  # slot -> running store/get operations it initiated
         self._store_ok = 0
         self._store_done = 0
@@ -325,8 +326,10 @@ class Simulator:
         started = time.perf_counter()
         config = self.config
         rng = self.rng
-        if not self.ids:
-            self.build()
+        if not self._started:
+            self._started = True
+            if not self.ids:
+                self.build()
             operations = [("store", index) for index in range(config.keys)]
             if config.read_back:
                 operations += [("get", index) for index in range(config.keys)]
