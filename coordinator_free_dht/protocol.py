@@ -301,6 +301,7 @@ class DHTProtocol:
         self._rate.take(sender_id, len(records), now)
         stored: list[bool] = []
         reasons: list[str] = []
+        rejected: list[str] = []
         for record in records:
             try:
                 ok = self.store_local(record, now)
@@ -308,10 +309,10 @@ class DHTProtocol:
             except (ValidationError, StoreRejectedError) as exc:
                 ok = False
                 reasons.append(f"{type(exc).__name__}: {exc}")
+                rejected.append(reasons[-1])
             stored.append(ok)
-        rejected = tuple(r for r in reasons if r and not r.startswith("a record with a later"))
         if rejected:
-            self._events.append(RecordsRejected(sender_id, rejected))
+            self._events.append(RecordsRejected(sender_id, tuple(rejected)))
         return {"stored": stored, "reasons": reasons}
 
     def _parse_records(self, raw: object) -> list[DHTRecord]:
