@@ -30,3 +30,15 @@ class StatusFormatError(ClientError):
 class TensorError(VolunteerError):
     """A tensor could not be encoded, or bytes from the wire do not describe a valid tensor (bad header,
     unknown dtype or codec, sizes over the limits, payload inconsistent with its header)."""
+
+
+class AveragingError(VolunteerError):
+    """Averaging with other peers failed: the group, the tensors or the exchange did not fit together."""
+
+
+class MatchmakingError(AveragingError):
+    """No averaging group could be formed (too few peers ready within the matchmaking window)."""
+
+
+class StateSyncError(AveragingError):
+    """The newest state could not be downloaded: no donor had it, or every donor failed or was busy."""

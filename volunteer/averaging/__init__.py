@@ -1,0 +1,2 @@
+"""Decentralized averaging: group formation through the DHT, fault-tolerant butterfly all-reduce, and state
+download from peers (see ``ARCHITECTURE.md``)."""
