@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 from datetime import UTC
@@ -11,6 +12,7 @@ from typing import Any
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
 
+from tests.test_runtime import Running, build, until
 from volunteer.client.status import (
     Contribution,
     GpuUse,
@@ -281,3 +283,41 @@ def test_snapshot_paused(snap_compare: Any) -> None:
 
 def test_snapshot_preferences_form(snap_compare: Any, isolated_home: Path) -> None:
     assert snap_compare(make_app(FixedControl(idle_snapshot())), terminal_size=SIZE, press=["t"])
+
+
+# --- the dashboard on the real runtime ----------------------------------------------------------
+
+
+async def test_keys_drive_the_real_runtime() -> None:
+    """p, r, t and q against a running ClientRuntime with the real host monitor (in-process control)."""
+    runtime, monitor = build(Paths.default())
+    async with Running(runtime):
+        app = VolunteerApp(
+            runtime.control, Paths.default(), poll_interval_s=0.1, on_preferences=runtime.apply_preferences, tz=UTC
+        )
+        async with app.run_test(size=SIZE) as pilot:
+            await until(lambda: state_text(app) == "IDLE: no run joined", "the dashboard to show the idle client")
+            await pilot.press("p")
+            await until(lambda: state_text(app).startswith("PAUSED: paused by the user"), "the pause to show")
+            assert monitor.manual_pause_reason == PAUSE_REASON
+            assert not monitor.gate.is_open
+            await pilot.press("r")
+            await until(lambda: state_text(app) == "IDLE: no run joined", "the resume to show")
+            assert monitor.manual_pause_reason is None
+            await pilot.press("t")
+            await pilot.pause()
+            screen = app.screen
+            assert isinstance(screen, PreferencesScreen)
+            screen.query_one(f"#{input_id('active.cpu_percent')}", Input).value = "20"
+            screen.query_one(f"#{input_id('idle.cpu_percent')}", Input).value = "20"
+            await pilot.press("ctrl+s")
+            await until(lambda: monitor.preferences.active.cpu_percent == 20.0, "the monitor to get the new caps")
+            await until(
+                lambda: app.snapshot is not None and app.snapshot.host is not None
+                and app.snapshot.host.cpu_cap_percent == 20.0,
+                "the new cap to show",
+            )  # fmt: skip
+            await pilot.press("q")
+            async with asyncio.timeout(30):
+                await runtime.finished.wait()
+        assert app.return_code == 0
