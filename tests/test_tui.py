@@ -303,7 +303,7 @@ async def test_keys_drive_the_real_runtime() -> None:
             assert not monitor.gate.is_open
             await pilot.press("r")
             await until(lambda: state_text(app) == "IDLE: no run joined", "the resume to show")
-            assert monitor.manual_pause_reason is None
+            await until(lambda: monitor.manual_pause_reason is None, "the manual pause to be lifted")
             await pilot.press("t")
             await pilot.pause()
             screen = app.screen
