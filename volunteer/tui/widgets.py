@@ -15,7 +15,7 @@ from volunteer.tui.text import human_bytes, human_duration, human_rate
 
 STATE_STYLE = {
     "starting": "bold cyan",
-    "idle": "bold blue",
+    "idle": "bold bright_blue",
     "training": "bold green",
     "serving": "bold green",
     "paused": "bold yellow",
