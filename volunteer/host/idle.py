@@ -16,6 +16,7 @@ stricter profile; headless machines set it to ``idle``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -80,6 +81,15 @@ def parse_ioreg(text: str) -> float | None:
 # ------------------------------------------------------------------------------------------------ sources
 
 
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Kill ``proc`` if it still runs and wait for it, shielded from the caller's cancellation."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(proc.communicate())
+
+
 async def run_tool(*argv: str) -> str | None:
     """Run a helper tool with a timeout; its stdout, or ``None`` if missing, failing or too slow."""
     try:
@@ -92,10 +102,13 @@ async def run_tool(*argv: str) -> str | None:
         async with asyncio.timeout(SUBPROCESS_TIMEOUT_S):
             out, _ = await proc.communicate()
     except TimeoutError:
-        proc.kill()
-        await asyncio.shield(proc.wait())
+        await _reap(proc)
         logger.debug("%s timed out", argv[0])
         return None
+    except asyncio.CancelledError:
+        # The monitor is shutting down: never leave the child (and its pipe transport) behind.
+        await _reap(proc)
+        raise
     if proc.returncode != 0:
         return None
     return out.decode("utf-8", "replace")
