@@ -156,6 +156,7 @@ class _Op:
         "outstanding",
         "raw_key",
         "refreshes",
+        "retries",
         "slot",
         "started",
         "stored",
@@ -170,7 +171,8 @@ class _Op:
         self.expected = expected
         self.lookup: Lookup | None = None
         self.started = 0.0
-        self.outstanding = 0
+        self.outstanding = 0  # STORE requests not yet answered
+        self.retries = 0  # bootstrap attempts of a join
         self.stored = 0
         self.refreshes: list[int] = []
         self.timer_at = math.inf
@@ -229,8 +231,8 @@ class Simulator:
         self.replaced = 0
         self._values: dict[int, bytes] = {}
         self._storer: dict[int, int] = {}
-        self._stored: set[int] = set()
-        self._started = False  # keys whose store operation has finished
+        self._stored: set[int] = set()  # keys whose store operation has finished
+        self._started = False
         self._busy: dict[int, int] = {}  # slot -> running store/get operations it initiated
         self._store_ok = 0
         self._store_done = 0
@@ -596,10 +598,10 @@ class Simulator:
                 node_id, _ = result.cache_candidate
                 records = entry_records(op.raw_key, entry)
                 self._send(op.slot, node_id, _STORE, core.make_store(records, now), None, count=len(records))
-        elif not len(core.table) and op.outstanding < 5:
+        elif not len(core.table) and op.retries < 5:
             # Every contact failed (the bootstrap node died or the messages were lost): bootstrap again
             # through another node, as a real node retries its list of initial peers.
-            op.outstanding += 1
+            op.retries += 1
             bootstrap = self._random_live(avoid=op.slot)
             core.table.add_or_update(self.ids[bootstrap], f"sim/{bootstrap}", now)
             self._begin_lookup(op, want_value=False)
