@@ -550,7 +550,12 @@ class QuicConnectionHandle(Connection):
         self._timer_at = None
         if self._closed:
             return
-        self._quic.handle_timer(now=self._loop.time())
+        now = self._loop.time()
+        when = self._deadline()
+        if when is not None and when > now:  # armed for an earlier deadline that has since moved later
+            self._arm_timer()
+            return
+        self._quic.handle_timer(now=now)
         self._flush()
 
     def _deliver_events(self) -> None:
@@ -593,11 +598,19 @@ class QuicConnectionHandle(Connection):
             if self._superseded and not self._streams:
                 self.close_now("superseded by another connection to the same peer")
 
-    def _arm_timer(self) -> None:
+    def _deadline(self) -> float | None:
         try:
-            when = self._quic.get_timer()
+            return self._quic.get_timer()
         except TypeError:  # aioquic before its first packet has no idle deadline yet
-            when = None
+            return None
+
+    def _arm_timer(self) -> None:
+        # aioquic's deadline (ACK delay, loss detection, pacing, idle) moves with nearly every packet.
+        # A timer already armed for an earlier moment is kept: when it fires, _on_timer looks again.
+        # That costs one early wake-up per deadline instead of a cancel and a new timer per flush.
+        when = self._deadline()
+        if when is not None and self._timer_at is not None and self._timer_at <= when:
+            return
         if when == self._timer_at:
             return
         if self._timer is not None:
