@@ -177,6 +177,30 @@ app.add_typer(config_app, name="config")
 
 
 @app.command()
+def dht(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on and announce.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="UDP port (0: any free port).")] = 0,
+    peers: Annotated[
+        list[str] | None, typer.Option("--peers", help="Peer to join through, quic://host:port/<peer id> (repeat).")
+    ] = None,
+    identity_file: Annotated[
+        str | None, typer.Option("--identity", help="Key file (default: this installation's identity).")
+    ] = None,
+    log_interval: Annotated[float, typer.Option("--log-interval", min=0.1, help="Seconds between status logs.")] = 60.0,
+) -> None:
+    """Run a standalone DHT node (the same as `python -m coordinator_free_dht`) until Ctrl-C."""
+    from coordinator_free_dht.__main__ import main as dht_main
+
+    argv = ["--host", host, "--port", str(port), "--log-interval", str(log_interval)]
+    argv += ["--identity", identity_file or str(Paths.default().identity_file)]
+    if peers:
+        argv += ["--peers", *peers]
+    code = dht_main(argv)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def selfcheck(
     mib: Annotated[
         float, typer.Option("--mib", min=0.001, help="MiB streamed per direction and path (QUIC, TLS).")
