@@ -65,6 +65,7 @@ from coordinator_free_dht.errors import (
     VersionMismatchError,
 )
 from coordinator_free_dht.identity import Identity, PeerID
+from coordinator_free_dht.net.ratelimit import TokenBucket
 from coordinator_free_dht.net.transport import Address, Stream, Transport, TransportKind
 from coordinator_free_dht.net.wire import (
     DEFAULT_LIMITS,
@@ -282,14 +283,37 @@ class _Inbox:
         return item
 
 
+@dataclass(frozen=True, slots=True)
+class Bandwidth:
+    """Token buckets that cap the bytes RPC calls send and receive (the host throttle owns and tunes them)."""
+
+    upload: TokenBucket | None = None
+    """Every frame we write consumes its size here first."""
+    download: TokenBucket | None = None
+    """Every read consumes its size here before the next read, so a capped reader slows the sender."""
+
+
 class _Channel:
     """Frame-level I/O on one stream, shared by the caller and handler sides."""
 
-    __slots__ = ("config", "decoder", "eof_sent", "inbox", "limits", "stream", "version", "write_lock")
+    __slots__ = (
+        "config",
+        "decoder",
+        "download",
+        "eof_sent",
+        "inbox",
+        "limits",
+        "stream",
+        "upload",
+        "version",
+        "write_lock",
+    )
 
-    def __init__(self, stream: Stream, config: RPCConfig) -> None:
+    def __init__(self, stream: Stream, config: RPCConfig, bandwidth: Bandwidth | None = None) -> None:
         self.stream = stream
         self.config = config
+        self.upload = bandwidth.upload if bandwidth is not None else None
+        self.download = bandwidth.download if bandwidth is not None else None
         self.decoder = config.decoder()
         self.inbox = _Inbox(config.recv_buffer_bytes)
         self.write_lock = asyncio.Lock()
@@ -300,6 +324,8 @@ class _Channel:
     async def write(self, data: bytes) -> None:
         """Write pre-encoded frames as one unit."""
         async with self.write_lock:
+            if self.upload is not None:
+                await self.upload.consume(len(data))
             await self.stream.write(data)
 
     async def write_frame(self, kind: FrameKind, payload: bytes | bytearray | memoryview) -> None:
@@ -310,6 +336,8 @@ class _Channel:
             return
         prefix = frame_prefix(kind, size, self.version)
         async with self.write_lock:
+            if self.upload is not None:
+                await self.upload.consume(len(prefix) + size)
             await self.stream.write(prefix)
             await self.stream.write(payload)
 
@@ -326,6 +354,9 @@ class _Channel:
         if not data:
             self.decoder.check_complete()
             return None
+        if self.download is not None:
+            # Reading later holds back the transport's flow-control credit, so the sender slows down too.
+            await self.download.consume(len(data))
         return self.decoder.feed(data)
 
     async def drain(self) -> None:
@@ -573,6 +604,8 @@ class RPC:
         self._bulk_failed_until: dict[PeerID, float] = {}
         self._stack: AsyncExitStack | None = None
         self._tg: asyncio.TaskGroup | None = None
+        self.bandwidth: Bandwidth | None = None
+        """Upload/download caps that every call's bytes pass through (``None``: unlimited); settable at any time."""
 
     @property
     def peer_id(self) -> PeerID:
@@ -695,7 +728,7 @@ class RPC:
         try:
             async with asyncio.timeout_at(deadline) as scope:
                 stream, _ = await self._open_stream(peer, bulk)
-                chan = _Channel(stream, config)
+                chan = _Channel(stream, config, self.bandwidth)
                 ok = False
                 try:
                     await chan.write(request_frames)
@@ -740,7 +773,7 @@ class RPC:
         try:
             async with asyncio.timeout_at(deadline) as scope:
                 stream, path = await self._open_stream(peer, bulk)
-                chan = _Channel(stream, config)
+                chan = _Channel(stream, config, self.bandwidth)
                 call = ClientCall(chan, peer.peer_id, method, path)
                 reader: asyncio.Task[None] | None = None
                 ok = False
@@ -848,7 +881,7 @@ class RPC:
 
     async def _serve_stream(self, stream: Stream) -> None:
         config = self.config
-        chan = _Channel(stream, config)
+        chan = _Channel(stream, config, self.bandwidth)
         peer = stream.connection.remote_peer
         pending: list[Frame] = []
         try:
