@@ -40,7 +40,7 @@ def test_unlimited_and_closed() -> None:
     assert bucket.try_consume(10**9)
     assert bucket.consumed_bytes == 10**9
     bucket.set_rate(0)
-    assert bucket.try_consume(10)  # the full burst is still there
+    assert not bucket.try_consume(10)  # closed: not even the saved-up burst passes
     assert bucket.delay_for(1) is None
     assert not bucket.try_consume(1)
 
@@ -76,8 +76,9 @@ async def test_closed_bucket_waits_for_set_rate_in_fifo_order() -> None:
 
 
 async def test_cancelled_waiter_takes_nothing() -> None:
-    bucket = TokenBucket(0, burst=100)
+    bucket = TokenBucket(1.0, burst=100)
     bucket.try_consume(100)
+    bucket.set_rate(0)
     task = asyncio.create_task(bucket.consume(50))
     await asyncio.sleep(0.01)
     task.cancel()

@@ -73,10 +73,10 @@ class TokenBucket:
         """Seconds until ``n`` bytes could pass now (0 if at once, ``None`` if closed). Does not consume."""
         self._refill()
         need = min(n, self._burst)
+        if self._rate == 0:
+            return None  # closed means closed, even with tokens saved up
         if self._rate is None or self._tokens >= need:
             return 0.0
-        if self._rate == 0:
-            return None
         return (need - self._tokens) / self._rate
 
     def try_consume(self, n: int) -> bool:
