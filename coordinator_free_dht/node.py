@@ -33,7 +33,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -94,6 +94,8 @@ class NodeConfig:
     """Rounds of pings to the initial peers before :class:`BootstrapError`."""
     bootstrap_backoff: float = 0.5
     """Seconds before the second bootstrap round; doubles each round."""
+    store_lookup_k: int | None = None
+    """A store's node lookup ends once this many closest nodes answered (None: ``num_replicas``)."""
     join_refreshes: int = 2
     """After the lookup of our own id, lookups of random ids in this many of the farthest buckets."""
     maintenance_interval: float = 60.0
@@ -419,12 +421,16 @@ class DHTNode:
         want_value: bool = False,
         latest: bool = False,
         raw_keys: Sequence[bytes | None] | None = None,
+        k: int | None = None,
     ) -> list[LookupResult]:
-        """Run one lookup per target, all together; requests to one peer at one moment share a FIND."""
+        """Run one lookup per target, all together; requests to one peer at one moment share a FIND.
+
+        ``k`` ends each walk once that many closest nodes answered (default: the core's lookup ``k``).
+        """
         protocol = self.protocol
         now = self.clock.time()
         self.stats.traversals += 1
-        lookups = [protocol.new_lookup(t, now, want_value=want_value, latest=latest) for t in targets]
+        lookups = [self._new_lookup(t, now, want_value, latest, k) for t in targets]
         keys: Sequence[bytes | None] = raw_keys if raw_keys is not None else [None] * len(targets)
         queue: asyncio.Queue[_Reply] = asyncio.Queue()
         max_keys = protocol.config.max_keys_per_request
@@ -465,6 +471,24 @@ class DHTNode:
                 for task in tasks:
                     task.cancel()
         return [lookup.result() for lookup in lookups]
+
+    def _new_lookup(self, target: int, now: float, want_value: bool, latest: bool, k: int | None) -> Lookup:
+        protocol = self.protocol
+        if k is None or k == protocol.config.lookup.k:
+            return protocol.new_lookup(target, now, want_value=want_value, latest=latest)
+        # Same as DHTProtocol.new_lookup, with a walk that ends at the k closest (a store needs only the
+        # num_replicas closest to have answered, not the core's k = 20), asking all k of them at once.
+        table, own = protocol.table, protocol.node_id
+        table.touch(target, now)
+
+        def skip(node_id: int) -> bool:
+            return node_id == own or table.is_blacklisted(node_id, now)
+
+        base = protocol.config.lookup
+        config = replace(base, k=k, alpha=max(base.alpha, k))
+        lookup = Lookup(target, want_value=want_value, latest=latest, config=config, skip=skip)
+        lookup.start(table.nearest(target, protocol.config.lookup.k), now)
+        return lookup
 
     def _on_find(self, item: _Reply, lookups: list[Lookup], keys: Sequence[bytes | None]) -> None:
         node_id, address, indices, reply, sent_at = item
@@ -594,7 +618,8 @@ class DHTNode:
         for index, record in enumerate(records):
             groups.setdefault(key_id_from_packed(record.key), []).append(index)
         key_ids = list(groups)
-        results = await self._traverse(key_ids)
+        replicas = protocol.config.num_replicas
+        results = await self._traverse(key_ids, k=max(replicas, self.config.store_lookup_k or replicas))
         now = self.clock.time()
         ok = [False] * len(records)
         per_node: dict[int, tuple[Address, list[int]]] = {}

@@ -1,0 +1,304 @@
+"""Benchmark the DHT over real QUIC on loopback; prints ONE JSON line.
+
+N nodes join (node 0 first, then all others at once through it); then ``--ops`` stores and ``--ops`` gets
+from random nodes, first one at a time, then with ``--concurrency`` in flight. Reported: success rate,
+p50/p95 latency of stores and gets (sequential phase under the plain keys, the concurrent phase under
+``concurrent_*``), operations per second, the time until all N nodes had joined, and memory per node.
+
+``--processes`` runs every node in its own process (this script with ``--worker``), driven over stdin/stdout
+JSON lines; latencies are measured inside the node's process, so they exclude the driver's pipes. Then
+``bootstrap_s`` includes interpreter start-up, and ``rss_mb_per_node`` is the mean RSS of the node processes
+(``uss_mb_per_node``: memory unique to each process, i.e. without shared libraries). In one process,
+``rss_mb_per_node`` is the process RSS divided by N.
+
+    python scripts/bench_dht.py --nodes 16
+    python scripts/bench_dht.py --nodes 64 --processes
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from coordinator_free_dht.identity import Identity
+from coordinator_free_dht.net.transport import PeerAddress
+from coordinator_free_dht.node import DHTNode, NodeConfig
+
+TTL = 3600.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+# --- one operation on one node (shared by both modes) --------------------------------------------------
+
+
+async def run_op(node: DHTNode, op: dict[str, Any]) -> dict[str, Any]:
+    """Run a store or get; returns ok and the latency in ms measured here."""
+    started = time.perf_counter()
+    if op["op"] == "store":
+        ok = await node.store(op["key"], op["value"], op["expiration"])
+    else:
+        found = await node.get(op["key"])
+        ok = found is not None and found.value == op["value"]
+    return {"ok": bool(ok), "ms": (time.perf_counter() - started) * 1000}
+
+
+# --- the workload ------------------------------------------------------------------------------------
+
+
+Runner = Callable[[int, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def workload(run: Runner, nodes: int, ops: int, concurrency: int, seed: int) -> dict[str, Any]:
+    """Sequential then concurrent stores and gets through ``run(node_index, op)``."""
+    rng = random.Random(seed)
+    result: dict[str, Any] = {}
+    total = ok = 0
+    for phase, width in (("", 1), ("concurrent_", concurrency)):
+        expiration = time.time() + TTL
+        keys = [f"bench-{phase}{i}" for i in range(ops)]
+        values = {key: {"i": i, "pad": "x" * 32} for i, key in enumerate(keys)}
+        gate = asyncio.Semaphore(width)
+        latencies: dict[str, list[float]] = {"store": [], "get": []}
+        oks = {"store": 0, "get": 0}
+
+        async def one(
+            kind: str,
+            key: str,
+            gate: asyncio.Semaphore = gate,
+            expiration: float = expiration,
+            values: dict[str, Any] = values,
+            latencies: dict[str, list[float]] = latencies,
+            oks: dict[str, int] = oks,
+        ) -> None:
+            op = {"op": kind, "key": key, "value": values[key], "expiration": expiration}
+            async with gate:
+                reply = await run(rng.randrange(nodes), op)
+            latencies[kind].append(reply["ms"])
+            oks[kind] += reply["ok"]
+
+        for kind in ("store", "get"):
+            started = time.perf_counter()
+            async with asyncio.TaskGroup() as tg:
+                for key in keys if kind == "store" else [rng.choice(keys) for _ in range(ops)]:
+                    if width == 1:
+                        await one(kind, key)
+                    else:
+                        tg.create_task(one(kind, key))
+            elapsed = time.perf_counter() - started
+            result[f"{phase}{kind}_p50_ms"] = round(percentile(latencies[kind], 50), 2)
+            result[f"{phase}{kind}_p95_ms"] = round(percentile(latencies[kind], 95), 2)
+            result[f"{phase}{kind}_ops_per_s"] = round(ops / elapsed, 1)
+            result[f"{phase}{kind}_success_rate"] = round(oks[kind] / ops, 4)
+            total += ops
+            ok += oks[kind]
+    result["success_rate"] = round(ok / total, 4) if total else 0.0
+    return result
+
+
+# --- one process ---------------------------------------------------------------------------------------
+
+
+async def bench_one_process(args: argparse.Namespace) -> dict[str, Any]:
+    """All nodes on one event loop."""
+    import psutil
+
+    rng = random.Random(args.seed)
+    async with contextlib.AsyncExitStack() as stack:
+        started = time.perf_counter()
+        first = await stack.enter_async_context(
+            DHTNode(Identity.from_seed(rng.randbytes(32)), rng=random.Random(0), config=NodeConfig())
+        )
+        boot = first.peer_addresses
+        others = [
+            DHTNode(Identity.from_seed(rng.randbytes(32)), bootstrap=boot, rng=random.Random(i))
+            for i in range(1, args.nodes)
+        ]
+
+        async def join(node: DHTNode) -> None:
+            await stack.enter_async_context(node)
+
+        async with asyncio.TaskGroup() as tg:
+            for node in others:
+                tg.create_task(join(node))
+        bootstrap_s = time.perf_counter() - started
+        nodes = [first, *others]
+
+        async def run(index: int, op: dict[str, Any]) -> dict[str, Any]:
+            return await run_op(nodes[index], op)
+
+        result = await workload(run, len(nodes), args.ops, args.concurrency, args.seed)
+        rss = psutil.Process().memory_info().rss / 2**20
+        result.update(
+            bootstrap_s=round(bootstrap_s, 3),
+            rss_mb_per_node=round(rss / len(nodes), 2),
+            rss_mb_process=round(rss, 1),
+            table_size_mean=round(sum(n.routing_table_size for n in nodes) / len(nodes), 1),
+        )
+        return result
+
+
+# --- one process per node ------------------------------------------------------------------------------
+
+
+async def worker(args: argparse.Namespace) -> None:
+    """A node process: prints its address once joined, then serves JSON-line operations from stdin."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    bootstrap = [PeerAddress.parse(args.bootstrap)] if args.bootstrap else []
+    async with DHTNode(Identity.generate(), bootstrap=bootstrap) as node:
+        out = sys.stdout
+
+        def reply(message: dict[str, Any]) -> None:
+            out.write(json.dumps(message) + "\n")
+            out.flush()
+
+        reply({"address": str(node.peer_addresses[0])})
+
+        async def serve(op: dict[str, Any]) -> None:
+            result = await run_op(node, op)
+            reply({"id": op["id"], **result, "table": node.routing_table_size})
+
+        async with asyncio.TaskGroup() as tg:
+            while line := await reader.readline():
+                tg.create_task(serve(json.loads(line)))
+
+
+class WorkerHandle:
+    """The driver's side of one node process."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.next_id = 0
+
+    async def address(self) -> str:
+        assert self.proc.stdout is not None
+        line = await self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("a node process exited before it joined")
+        address: str = json.loads(line)["address"]
+        return address
+
+    async def read_replies(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            message = json.loads(line)
+            self.pending.pop(message["id"]).set_result(message)
+
+    async def run(self, op: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.next_id += 1
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[self.next_id] = future
+        self.proc.stdin.write((json.dumps({**op, "id": self.next_id}) + "\n").encode())
+        await self.proc.stdin.drain()
+        async with asyncio.timeout(120):
+            return await future
+
+
+async def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
+    """Each node in its own process."""
+    import psutil
+
+    handles: list[WorkerHandle] = []
+    script = os.path.abspath(__file__)  # noqa: ASYNC240 -- once, before any I/O starts
+
+    async def spawn(bootstrap: str | None) -> WorkerHandle:
+        command = [sys.executable, script, "--worker"]
+        if bootstrap:
+            command += ["--bootstrap", bootstrap]
+        proc = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 20
+        )
+        handle = WorkerHandle(proc)
+        handles.append(handle)
+        return handle
+
+    try:
+        started = time.perf_counter()
+        first = await spawn(None)
+        boot = await first.address()
+        rest = [await spawn(boot) for _ in range(args.nodes - 1)]
+        async with asyncio.timeout(300):
+            await asyncio.gather(*(h.address() for h in rest))
+        bootstrap_s = time.perf_counter() - started
+        async with asyncio.TaskGroup() as tg:
+            readers = [tg.create_task(h.read_replies()) for h in handles]
+
+            async def run(index: int, op: dict[str, Any]) -> dict[str, Any]:
+                return await handles[index].run(op)
+
+            result = await workload(run, len(handles), args.ops, args.concurrency, args.seed)
+            rss, uss = [], []
+            for handle in handles:
+                info = psutil.Process(handle.proc.pid).memory_full_info()
+                rss.append(info.rss / 2**20)
+                uss.append(info.uss / 2**20)
+            for handle in handles:
+                assert handle.proc.stdin is not None
+                handle.proc.stdin.close()
+            async with asyncio.timeout(60):
+                await asyncio.gather(*(h.proc.wait() for h in handles))
+            for task in readers:
+                task.cancel()
+        result.update(
+            bootstrap_s=round(bootstrap_s, 3),
+            rss_mb_per_node=round(sum(rss) / len(rss), 2),
+            rss_mb_max=round(max(rss), 2),
+            uss_mb_per_node=round(sum(uss) / len(uss), 2),
+        )
+        return result
+    finally:
+        for handle in handles:
+            if handle.proc.returncode is None:
+                handle.proc.kill()
+                await handle.proc.wait()
+
+
+def main() -> None:
+    """Parse arguments, run the benchmark, print one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=16)
+    parser.add_argument("--processes", action="store_true", help="one process per node")
+    parser.add_argument("--ops", type=int, default=500, help="stores and gets per phase")
+    parser.add_argument("--concurrency", type=int, default=16, help="operations in flight in the concurrent phase")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bootstrap", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(worker(args))
+        return
+    bench = bench_processes if args.processes else bench_one_process
+    result = asyncio.run(bench(args))
+    line = {
+        "nodes": args.nodes,
+        "mode": "processes" if args.processes else "one_process",
+        "ops": args.ops,
+        "concurrency": args.concurrency,
+        "cpus": os.cpu_count(),
+        **result,
+    }
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
