@@ -178,6 +178,7 @@ class DHTNode:
         self._background = 0
         self._inflight: dict[tuple[int, bool], asyncio.Future[Entry | None]] = {}
         self._registered = False
+        self._closing = False
 
     # --- properties ---------------------------------------------------------------------------------
 
@@ -255,12 +256,15 @@ class DHTNode:
                 identity=self.identity,
                 validators=self._validators,
             )
+            self._closing = False
+            self._tg = await stack.enter_async_context(asyncio.TaskGroup())
+            stack.push_async_callback(self._cancel_tasks)
             if address is not None:
+                # Registered inside the task group and unregistered before it closes (exit runs in reverse),
+                # so a request never finds the node without its task group.
                 rpc.register_unary(METHOD, self._serve)
                 self._registered = True
                 stack.callback(self._unregister)
-            self._tg = await stack.enter_async_context(asyncio.TaskGroup())
-            stack.push_async_callback(self._cancel_tasks)
             async with asyncio.timeout(self.config.operation_timeout):
                 await self._bootstrap()
             self._spawn(self._maintenance(), "dht maintenance", counted=False)
@@ -301,12 +305,13 @@ class DHTNode:
         self._registered = False
 
     async def _cancel_tasks(self) -> None:
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
 
     def _spawn(self, coro: Any, name: str, counted: bool = True) -> bool:
         tg = self._tg
-        if tg is None:
+        if tg is None or self._closing:
             coro.close()
             return False
         if counted:
