@@ -42,3 +42,15 @@ class MatchmakingError(AveragingError):
 
 class StateSyncError(AveragingError):
     """The newest state could not be downloaded: no donor had it, or every donor failed or was busy."""
+
+
+class RunError(VolunteerError):
+    """A run cannot be described, found or joined: its manifest, model template or data is unusable."""
+
+
+class ManifestError(RunError):
+    """A run manifest is invalid, tampered with, signed by the wrong owner, or needs another protocol version."""
+
+
+class DataError(RunError):
+    """Training data could not be produced, downloaded or read (bad shard, checksum mismatch, server error)."""
