@@ -312,12 +312,21 @@ class QuicStream(Stream):
                 self._read_waiter = None
 
     def _take(self, max_bytes: int) -> bytes:
-        first = self._chunks[0]
-        if len(first) <= max_bytes:
-            self._chunks.popleft()
-            out = first
+        chunks = self._chunks
+        first = chunks[0]
+        if len(first) > max_bytes:
+            out, chunks[0] = first[:max_bytes], first[max_bytes:]
+        elif len(chunks) == 1 or len(first) + len(chunks[1]) > max_bytes:
+            out = chunks.popleft()
         else:
-            out, self._chunks[0] = first[:max_bytes], first[max_bytes:]
+            # Each packet's data arrives as its own chunk (~1.2 kB at the default datagram size); a reader
+            # gets as many whole chunks as fit, so its per-read cost is paid per read, not per packet.
+            parts = [chunks.popleft()]
+            size = len(parts[0])
+            while chunks and size + len(chunks[0]) <= max_bytes:
+                size += len(chunks[0])
+                parts.append(chunks.popleft())
+            out = b"".join(parts)
         self._conn._on_consumed(self.stream_id, len(out))
         if self._eof and not self._chunks:
             self._conn._maybe_finished(self)
@@ -792,6 +801,13 @@ class _Endpoint(asyncio.DatagramProtocol):
 
     def _route(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         """Feed one datagram to its connection (or accept a new one); anything unexpected is dropped."""
+        if data and not data[0] & 0x80:
+            # Short header (RFC 9000 section 17.3): our connection id follows the first byte. This is the
+            # common case; aioquic parses the whole header again anyway.
+            conn = self.cids.get(data[1 : 1 + _CID_LENGTH])
+            if conn is not None:
+                conn.receive(data, addr)
+                return
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
         except Exception as exc:  # aioquic raises assorted errors on garbage
