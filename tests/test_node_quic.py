@@ -1,4 +1,8 @@
-"""DHT nodes over real QUIC on 127.0.0.1: 32 nodes in one process, stores and gets, then 8 nodes stop."""
+"""DHT nodes over real QUIC on 127.0.0.1 in one process: stores and gets, then a quarter of the nodes stop.
+
+The full case (32 nodes, 8 stopped) takes about a minute on a busy 2-core machine, so it is marked ``slow``;
+the default suite runs the same test with 8 nodes.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,24 @@ import contextlib
 import random
 import time
 
+import pytest
+
 from coordinator_free_dht.identity import Identity
 from coordinator_free_dht.node import DHTNode, NodeConfig, ValueWithExpiration
 
 TTL = 600.0
 
 
-async def test_32_nodes_store_get_then_8_killed() -> None:
-    rng = random.Random(32)
-    config = NodeConfig(rpc_timeout=3.0)
+@pytest.mark.parametrize(
+    ("count", "killed", "keys"), [(8, 2, 12), pytest.param(32, 8, 40, marks=pytest.mark.slow, id="32-nodes")]
+)
+async def test_nodes_store_get_then_some_killed(count: int, killed: int, keys: int) -> None:
+    rng = random.Random(count)
+    config = NodeConfig(rpc_timeout=1.0)
     stacks: list[contextlib.AsyncExitStack] = []
     nodes: list[DHTNode] = []
     try:
-        for index in range(32):
+        for index in range(count):
             bootstrap = [rng.choice(nodes).peer_addresses[0]] if nodes else []
             node = DHTNode(
                 Identity.from_seed(rng.randbytes(32)), bootstrap=bootstrap, rng=random.Random(index), config=config
@@ -31,7 +40,7 @@ async def test_32_nodes_store_get_then_8_killed() -> None:
         assert all(n.routing_table_size > 0 for n in nodes)
 
         expiration = time.time() + TTL
-        for i in range(40):
+        for i in range(keys):
             writer = rng.choice(nodes)
             assert await writer.store(f"quic-{i}", {"i": i}, expiration), i
         await nodes[0].store("dict", "a", expiration, subkey="x")
@@ -42,15 +51,15 @@ async def test_32_nodes_store_get_then_8_killed() -> None:
             assert found.value == {"i": i}
             assert abs(found.expiration_time - expiration) < 1e-6
 
-        for i in range(40):
+        for i in range(keys):
             check(await rng.choice(nodes).get(f"quic-{i}"), i)
 
-        # Stop 8 nodes (their transports close); the rest still read every key.
-        victims = rng.sample(range(32), 8)
+        # Stop some nodes (their transports close); the rest still read every key.
+        victims = rng.sample(range(count), killed)
         for index in sorted(victims, reverse=True):
             await stacks.pop(index).aclose()
             nodes.pop(index)
-        for i in range(40):
+        for i in range(keys):
             check(await rng.choice(nodes).get(f"quic-{i}", latest=True), i)
         found = await nodes[-1].get("dict", latest=True)
         assert found is not None
