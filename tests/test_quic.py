@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 import pytest
 
@@ -455,3 +456,113 @@ async def test_large_datagrams_carry_a_large_payload() -> None:
                 tg.create_task(send())
                 echoed = tg.create_task(read_all(stream))
             assert echoed.result() == payload
+
+
+class _Relay(asyncio.DatagramProtocol):
+    """A UDP forwarder on 127.0.0.1 between one client and a server, recording every datagram's size."""
+
+    def __init__(self, server: tuple[str, int]) -> None:
+        self.server = server
+        self.client: tuple[str, int] | None = None
+        self.sizes: list[int] = []
+        self.udp: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.udp = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.udp is not None
+        self.sizes.append(len(data))
+        if addr == self.server:
+            if self.client is not None:
+                self.udp.sendto(data, self.client)
+        else:
+            self.client = addr
+            self.udp.sendto(data, self.server)
+
+
+@contextlib.asynccontextmanager
+async def relay_to(address: Address) -> AsyncIterator[tuple[_Relay, Address]]:
+    loop = asyncio.get_running_loop()
+    udp, relay = await loop.create_datagram_endpoint(
+        lambda: _Relay((address.host, address.port)), local_addr=("127.0.0.1", 0)
+    )
+    try:
+        port = udp.get_extra_info("sockname")[1]
+        yield relay, Address("quic", "127.0.0.1", port)
+    finally:
+        udp.close()
+
+
+@pytest.mark.parametrize(("loopback_size", "expect_large"), [(16383, True), (1200, False)])
+async def test_loopback_peers_get_large_datagrams_unless_switched_off(loopback_size: int, expect_large: bool) -> None:
+    config = QuicConfig(idle_timeout=5.0, keepalive_interval=1.0, loopback_datagram_size=loopback_size)
+    async with (
+        peer(config=config) as (server, address),
+        peer(config=config) as (client, _),
+        relay_to(address) as (relay, via),
+        asyncio.timeout(60),
+    ):
+        conn = await client.connect(via, server.local_peer)
+        stream = await conn.open_stream()
+        payload = random.Random(5).randbytes(1 << 20)
+
+        async def send() -> None:
+            await stream.write(payload)
+            await stream.write_eof()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(send())
+            echoed = tg.create_task(read_all(stream))
+        assert echoed.result() == payload
+        assert max(relay.sizes) <= loopback_size
+        assert (max(relay.sizes) > 1200) is expect_large
+        if expect_large:  # 1 MiB each way went in far fewer packets than 1200-byte ones would need
+            assert len(relay.sizes) < 2 * (1 << 20) // 1200
+
+
+def test_datagram_size_by_destination() -> None:
+    config = QuicConfig()
+    assert config.max_datagram_size == 1200
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1", "localhost"):
+        assert config.datagram_size_to(host) == 16383, host
+    for host in ("10.1.2.3", "192.168.0.7", "8.8.8.8", "fe80::1%eth0", "2001:db8::1", "::ffff:10.0.0.1"):
+        assert config.datagram_size_to(host) == 1200, host
+    assert QuicConfig(max_datagram_size=9000, loopback_datagram_size=1200).datagram_size_to("::1") == 9000
+    with pytest.raises(ValueError, match="loopback_datagram_size"):
+        QuicConfig(loopback_datagram_size=16384)
+    with pytest.raises(ValueError, match="congestion_control"):
+        QuicConfig(congestion_control="bbr")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("congestion_control", ["reno", "cubic"])
+async def test_reads_respect_max_bytes_and_join_queued_packets(congestion_control: str) -> None:
+    config = QuicConfig(
+        idle_timeout=5.0,
+        keepalive_interval=1.0,
+        loopback_datagram_size=1200,
+        congestion_control=congestion_control,  # type: ignore[arg-type]
+    )
+    payload = random.Random(11).randbytes(300_000)
+    got = asyncio.get_running_loop().create_future()
+
+    async def collect(stream: Stream) -> None:
+        await asyncio.sleep(0.2)  # let many packets queue up before the first read
+        sizes, parts = [], []
+        while chunk := await stream.read(5000):
+            sizes.append(len(chunk))
+            parts.append(chunk)
+        got.set_result((sizes, b"".join(parts)))
+        await stream.write_eof()
+
+    async with peer(collect, config) as (server, address), peer(config=config) as (client, _):
+        async with asyncio.timeout(60):
+            conn = await client.connect(address, server.local_peer)
+            stream = await conn.open_stream()
+            await stream.write(payload)
+            await stream.write_eof()
+            sizes, data = await got
+            assert await read_all(stream) == b""
+    assert data == payload
+    assert max(sizes) <= 5000
+    assert max(sizes) > 1200  # several ~1.2 kB packet payloads came back from one read

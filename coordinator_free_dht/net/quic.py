@@ -24,16 +24,32 @@ an incompatible aioquic fails loudly rather than silently unauthenticated):
 
 - ``tls.Context._request_client_certificate`` (set on the server) and ``tls.Context._peer_certificate``;
 - ``QuicConnection._write_stream_limits`` (overridden: a stream's receive window is ``consumed + window``,
-  so a slow reader slows the writer), ``_streams`` (a stream's unsent bytes, for write backpressure) and
-  ``_local_max_streams_bidi`` / ``_local_max_streams_uni`` (the concurrent stream limit).
+  so a slow reader slows the writer), ``_streams`` (a stream's unsent bytes, for write backpressure;
+  its sender's pending data, reset and stop flags, to know whether a packet build can send anything) and
+  ``_local_max_streams_bidi`` / ``_local_max_streams_uni`` (the concurrent stream limit, and whether
+  a MAX_STREAMS frame is due);
+- ``QuicConnection._spaces[ONE_RTT].ack_at`` (when the delayed ACK is due: read, and moved to now when we
+  send anyway).
 
 Streams: the opener's first byte on every stream is a marker (``\x00``) that the accepting side strips, because
 QUIC announces a stream only with its first frame and the contract hands a stream to the peer's handler on
 open. A stream without it is reset.
 
-Performance: aioquic spends ~150 CPU-seconds per GB at 1200-byte datagrams; the cost is per packet, so
-``max_datagram_size`` is configurable. 1200 stays the default because it is safe on any internet path (no
-path-MTU probing here); larger sizes are for loopback and known LANs. Bulk tensor traffic uses ``tls.py``.
+Performance: aioquic's cost is per packet (~100-150 CPU-seconds per GB at 1200-byte datagrams, counting
+both ends), so the driver spends as few packet builds and loop turns per packet as it can:
+
+- the endpoint drains every datagram queued on its socket per wake-up (asyncio hands over one per loop
+  turn) and delivers their events at once; the connection's flush runs at the next loop turn, after the
+  tasks woken by the data ran, so a quick reply and the ACK leave in one build;
+- a flush that only follows received datagrams builds packets only if something can be sent
+  (:meth:`_DrivenQuic.send_due_after_receive`); a pending delayed ACK rides on data we send anyway
+  (:meth:`_DrivenQuic.piggyback_ack`) instead of leaving alone when its timer fires;
+- reads flush only when they earn the peer a window update; the timer is not re-armed when aioquic's
+  deadline merely moves later; a read returns as many queued packet payloads as fit.
+
+``max_datagram_size`` stays 1200 by default because it is safe on any internet path (no path-MTU probing
+here); peers on loopback addresses get ``loopback_datagram_size`` (16383, aioquic's limit), ~10x cheaper
+per byte. Bulk tensor traffic between machines uses ``tls.py``.
 """
 
 from __future__ import annotations
@@ -49,7 +65,7 @@ import ssl
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, Literal, Self, cast
 
 from aioquic import tls
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from aioquic._buffer
@@ -113,8 +129,19 @@ class QuicConfig:
 
     max_datagram_size: int = 1200
     """Largest UDP payload sent, in bytes. 1200 is safe on every internet path; larger values (up to
-    16383) cut aioquic's per-packet CPU cost but only belong on loopback or known LANs. The cap is
-    aioquic's: it writes a STREAM frame's length as a 2-byte varint, so bigger packets corrupt frames."""
+    16383) cut aioquic's per-packet CPU cost but only belong on known LANs. The cap is aioquic's: it
+    writes a STREAM frame's length as a 2-byte varint, so bigger packets corrupt frames."""
+
+    loopback_datagram_size: int = 16383
+    """Largest UDP payload sent to a peer on a loopback address (this machine: the path MTU is 64 KiB, so
+    nothing is fragmented or dropped for size). aioquic's cost is per packet, so this moves ~10x more
+    bytes per CPU-second than 1200 (see ``scripts/bench_quic.py``). Private (LAN) addresses are *not*
+    upgraded: their MTU is usually 1500 and IP fragments are lost together. Set it to
+    ``max_datagram_size`` to switch the upgrade off; below that it has no effect."""
+
+    congestion_control: Literal["reno", "cubic"] = "reno"
+    """aioquic's congestion controller. On loopback the two measure alike (the CPU is the bottleneck);
+    cubic recovers faster after losses on long fat paths."""
 
     max_concurrent_streams: int = 128
     """Bidirectional streams the peer may have open towards us at once; more wait for a slot."""
@@ -140,6 +167,10 @@ class QuicConfig:
     def __post_init__(self) -> None:
         if not 1200 <= self.max_datagram_size <= 16383:
             raise ValueError(f"max_datagram_size must be in 1200..16383, got {self.max_datagram_size}")
+        if not 1200 <= self.loopback_datagram_size <= 16383:
+            raise ValueError(f"loopback_datagram_size must be in 1200..16383, got {self.loopback_datagram_size}")
+        if self.congestion_control not in ("reno", "cubic"):
+            raise ValueError(f"congestion_control must be 'reno' or 'cubic', got {self.congestion_control!r}")
         if not 0 < self.keepalive_interval < self.idle_timeout / 2:
             raise ValueError("keepalive_interval must be positive and below half of idle_timeout")
         if self.handshake_timeout <= 0:
@@ -152,6 +183,12 @@ class QuicConfig:
             raise ValueError("max_concurrent_streams and max_pending_handshakes must be >= 1")
         if not self.alpn:
             raise ValueError("alpn must not be empty")
+
+    def datagram_size_to(self, host: str) -> int:
+        """The largest UDP payload we send to a peer at ``host`` (an IP address)."""
+        if _is_loopback(host):
+            return max(self.max_datagram_size, self.loopback_datagram_size)
+        return self.max_datagram_size
 
 
 def _quic_internals_ok() -> bool:
@@ -849,10 +886,14 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 
 def _is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1, IPv4-mapped loopback (``::ffff:127.0.0.1``) and ``localhost``."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return host == "localhost"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 class QuicTransport(Transport):
@@ -1004,7 +1045,7 @@ class QuicTransport(Transport):
         family, _, _, _, sockaddr = infos[0]
         remote = cast(NetworkAddress, sockaddr)
         endpoint = await self._endpoint_for(family, str(sockaddr[0]))
-        configuration = self._quic_configuration(is_client=True)
+        configuration = self._quic_configuration(is_client=True, remote_host=str(remote[0]))
         quic = _DrivenQuic(configuration=configuration, quic_config=self._config)
         conn = QuicConnectionHandle(self, endpoint, quic, remote, expected)
         self._all.add(conn)
@@ -1065,13 +1106,14 @@ class QuicTransport(Transport):
             return endpoint
         raise error
 
-    def _quic_configuration(self, is_client: bool) -> QuicConfiguration:
+    def _quic_configuration(self, is_client: bool, remote_host: str) -> QuicConfiguration:
         config = self._config
         return QuicConfiguration(
             alpn_protocols=[config.alpn],
             is_client=is_client,
             idle_timeout=config.idle_timeout,
-            max_datagram_size=config.max_datagram_size,
+            max_datagram_size=config.datagram_size_to(remote_host),
+            congestion_control_algorithm=config.congestion_control,
             max_data=config.connection_receive_window,
             max_stream_data=config.stream_receive_window,
             connection_id_length=_CID_LENGTH,
@@ -1090,7 +1132,7 @@ class QuicTransport(Transport):
             logger.warning("dropping a QUIC connection attempt from %s: too many pending handshakes", addr)
             return
         quic = _DrivenQuic(
-            configuration=self._quic_configuration(is_client=False),
+            configuration=self._quic_configuration(is_client=False, remote_host=str(addr[0])),
             quic_config=self._config,
             original_destination_connection_id=original_cid,
         )
