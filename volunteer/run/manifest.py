@@ -39,7 +39,6 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from typing import Any, Final, Literal
 
 import msgpack
@@ -137,14 +136,6 @@ def _check_scalars(obj: object, table: ParamTable, path: str) -> None:
 
 def _scalars(obj: object, table: ParamTable) -> dict[str, ConfigValue]:
     return {key: getattr(obj, key) for key in sorted(table.params)}
-
-
-def _freeze(config: Mapping[str, object]) -> Config:
-    if isinstance(config, MappingProxyType):
-        return config
-    if not isinstance(config, Mapping):
-        raise ManifestError(f"expected a config table, got {type(config).__name__}")
-    return MappingProxyType(dict(config))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -982,11 +973,12 @@ def _range_note(param: Param) -> str:
 def _commented_table(values: Mapping[str, object], table: ParamTable) -> tomlkit.items.Table:
     out = tomlkit.table()
     for key, value in values.items():
-        out.add(key, value)
+        item = tomlkit.item(value)
         param = table.params.get(key)
         if param is not None:
             note = _range_note(param)
-            out[key].comment(f"{param.doc}" + (f" ({note})" if note else ""))
+            item.comment(f"{param.doc}" + (f" ({note})" if note else ""))
+        out.add(key, item)
     return out
 
 
