@@ -106,7 +106,7 @@ _MISMATCH_CODE = 0x2  # application error code: the peer proved the wrong identi
 _NO_CERT_CODE = 0x3  # application error code: the dialer presented no usable certificate
 _STREAM_OPEN = b"\x00"  # the first byte of every stream, sent by its opener (see open_stream)
 _SUPPORTED_VERSIONS = frozenset(QuicConfiguration().supported_versions)
-_RECV_BATCH = 64  # datagrams read from a socket per wake-up before the connections are flushed
+_RECV_BATCH = 64  # datagrams read from a socket per wake-up before their events are delivered
 _RECV_SIZE = 65536  # a UDP payload never exceeds this
 
 
@@ -711,6 +711,8 @@ class QuicConnectionHandle(Connection):
             self._reject(HandshakeError("the peer presented our own identity"), _MISMATCH_CODE)
             return
         self._remote_peer = peer
+        # The handshake's last messages (the client's Finished, the server's HANDSHAKE_DONE) go out now.
+        self._schedule_send()
         if not self.handshake.done():
             self.handshake.set_result(None)
         self._transport._on_established(self)
