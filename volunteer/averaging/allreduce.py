@@ -24,6 +24,7 @@ Aggregators turn the contributions of one part into the result:
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -46,9 +47,22 @@ __all__ = [
 
 
 def is_finite(values: torch.Tensor) -> bool:
-    """True if every element is finite (no NaN, no infinity)."""
+    """True if every element is finite (no NaN, no infinity).
+
+    One vectorised sum decides in the common case: NaN or infinity anywhere makes the sum non-finite, so a
+    finite sum proves every element finite. Only a non-finite sum (a bad element, or finite values whose sum
+    overflows) pays for the exact element-wise test, which is several times slower.
+    """
     if not (values.is_floating_point() or values.is_complex()):
         return True
+    if values.is_complex():
+        total = complex(torch.sum(values, dtype=torch.complex128 if values.dtype == torch.complex128 else None))
+        if math.isfinite(total.real) and math.isfinite(total.imag):
+            return True
+    else:
+        total_real = float(torch.sum(values, dtype=torch.float64 if values.dtype == torch.float64 else torch.float32))
+        if math.isfinite(total_real):
+            return True
     return bool(torch.isfinite(values).all())
 
 
@@ -60,20 +74,31 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     raise AveragingError(f"only floating point and complex tensors can be averaged, not {dtype}")
 
 
-def weighted_mean(values: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``sum(w_i * x_i) / sum(w_i)``, accumulated in float64 (complex128) in the given order, cast back to
-    the dtype of ``values[0]``."""
+def weighted_mean(
+    values: Sequence[torch.Tensor], weights: Sequence[float], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum(w_i * x_i) / sum(w_i)``, accumulated in float64 (complex128) in the given order, rounded once to
+    the dtype of ``values[0]``; written into ``out`` (which may alias one of ``values``) if given."""
     if not values or len(values) != len(weights):
         raise AveragingError("weighted_mean needs one weight per contribution and at least one contribution")
     total = float(sum(weights))
     if not total > 0:
         raise AveragingError(f"the weights of a part sum to {total}; nothing to average")
     dtype = values[0].dtype
-    acc = torch.zeros(values[0].shape, dtype=_wide(dtype))
-    for value, weight in zip(values, weights, strict=True):
-        acc.add_(value.to(acc.dtype), alpha=float(weight))
-    acc.div_(total)
-    return acc.to(dtype)
+    # The first contribution is converted (copied) into the accumulator, the others are added with the
+    # widening done inside the kernel: no float64 temporary per contribution.
+    acc = values[0].to(_wide(dtype), copy=True)
+    if float(weights[0]) != 1.0:
+        acc.mul_(float(weights[0]))
+    for value, weight in zip(values[1:], weights[1:], strict=True):
+        acc.add_(value, alpha=float(weight))
+    if total != 1.0:
+        acc.div_(total)
+    if out is None:
+        return acc.to(dtype)
+    if out.shape != acc.shape or out.dtype != dtype:
+        raise AveragingError(f"cannot write a {dtype} mean of shape {tuple(acc.shape)} into {out.dtype} {out.shape}")
+    return out.copy_(acc)
 
 
 def centered_clip(
@@ -119,12 +144,18 @@ class Aggregation(enum.StrEnum):
 
 
 def aggregate(
-    kind: Aggregation, values: Sequence[torch.Tensor], weights: Sequence[float], tau: float = 1.0, iterations: int = 20
+    kind: Aggregation,
+    values: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    tau: float = 1.0,
+    iterations: int = 20,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reduce one part's contributions with the chosen aggregator."""
+    """Reduce one part's contributions with the chosen aggregator (into ``out`` if given)."""
     if kind is Aggregation.CENTERED_CLIP:
-        return centered_clip(values, weights, tau, iterations)
-    return weighted_mean(values, weights)
+        result = centered_clip(values, weights, tau, iterations)
+        return result if out is None else out.copy_(result)
+    return weighted_mean(values, weights, out)
 
 
 class Submission(enum.Enum):
@@ -278,9 +309,10 @@ class PartInputs:
     tau: float
     iterations: int
 
-    def compute(self) -> ReducedPart:
-        """Aggregate the contributions (an empty result if there are none: keep local values)."""
+    def compute(self, out: torch.Tensor | None = None) -> ReducedPart:
+        """Aggregate the contributions (an empty result if there are none: keep local values). With ``out``
+        the result is written there (it may be the reducer's own contribution) and returned as ``values``."""
         if not self.contributors:
             return ReducedPart(self.part, torch.empty(0), ())
-        result = aggregate(self.aggregation, self.values, self.weights, self.tau, self.iterations)
+        result = aggregate(self.aggregation, self.values, self.weights, self.tau, self.iterations, out)
         return ReducedPart(self.part, result, self.contributors)

@@ -44,7 +44,7 @@ import torch
 from coordinator_free_dht.errors import DHTError
 from coordinator_free_dht.identity import PeerID
 from coordinator_free_dht.net.rpc import RPC, ClientCall, PeerInfo, ServerCall
-from volunteer.averaging.allreduce import Aggregation, SpanReducer, Submission, is_finite
+from volunteer.averaging.allreduce import Aggregation, PartInputs, ReducedPart, SpanReducer, Submission, is_finite
 from volunteer.averaging.partition import Part, Partition, schema_digest
 from volunteer.errors import AveragingError, TensorError
 from volunteer.tensors.codecs import CodecId, Compression
@@ -288,6 +288,8 @@ class _Round:
                 raise AveragingError(f"expected tensor bytes for part {part.position}, got {type(chunk).__name__}")
             decoder.feed(chunk)
             self.bytes_received += len(chunk)
+        if decoder.header.codec is CodecId.NONE:
+            return decoder.finish()  # a view of the received bytes: nothing to offload
         values: torch.Tensor = await self._cpu(part.numel, decoder.finish)
         return values
 
@@ -315,22 +317,27 @@ class _Round:
                         reducer.drop(sender, reason)
                         self._fail(sender, reason)
             inputs = reducer.take()
-            reduced = await self._cpu(part.numel * max(1, len(inputs.values)), inputs.compute)
-            serialized: SerializedTensor | None = None
-            if reduced.contributors and self._lossless:
-                # Sent straight from our tensor's memory: no copy of the result is kept.
-                view.copy_(reduced.values)
-                serialized = self._serialize(view)
-            elif reduced.contributors:
-                # Keep what the others will decode, so that every member ends with identical values.
-                serialized = await self._cpu(part.numel, self._serialize, reduced.values)
-                local = await self._cpu(part.numel, deserialize, serialized.header, serialized.chunks)
-                view.copy_(local)
+            work = part.numel * max(1, len(inputs.values))
+            if self._lossless:
+                # Reduced straight into our tensor and sent from its memory: no copy of the result is kept.
+                reduced = await self._cpu(work, inputs.compute, view)
+                serialized = self._serialize(view) if reduced.contributors else None
+            else:
+                reduced, serialized = await self._cpu(work, self._reduce_lossy, inputs, view)
             self.outcomes[part.index] = PartOutcome(part, reduced.contributors)
             self.published.append(_Published(reduced.contributors, serialized))
             await self._notify()
         self.reducer_done = True
         await self._notify()
+
+    def _reduce_lossy(self, inputs: PartInputs, view: torch.Tensor) -> tuple[ReducedPart, SerializedTensor | None]:
+        """Reduce, encode, and keep what the others will decode, so every member ends with identical values."""
+        reduced = inputs.compute()
+        if not reduced.contributors:
+            return reduced, None
+        serialized = self._serialize(reduced.values)
+        view.copy_(deserialize(serialized.header, serialized.chunks))
+        return reduced, serialized
 
     @property
     def _lossless(self) -> bool:
