@@ -15,6 +15,7 @@ import typer
 from volunteer import __version__
 from volunteer.config_cli import config_app, info
 from volunteer.paths import Paths
+from volunteer.run_cli import run_app
 
 if TYPE_CHECKING:
     from volunteer.client.control import RemoteControl
@@ -174,6 +175,7 @@ def stop() -> None:
 
 app.command()(info)
 app.add_typer(config_app, name="config")
+app.add_typer(run_app, name="run")
 
 
 @app.command()
