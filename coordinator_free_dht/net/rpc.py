@@ -402,11 +402,14 @@ class ServerCall:
     handler completes the call successfully; raising sends the error to the caller.
     """
 
-    __slots__ = ("_chan", "context")
+    __slots__ = ("_chan", "_final_reply", "context")
 
     def __init__(self, chan: _Channel, context: CallContext) -> None:
         self._chan = chan
         self.context = context
+        # A unary handler's encoded response, sent together with END and our EOF in one write: one packet
+        # instead of two on QUIC, which is most of a unary call's cost.
+        self._final_reply = b""
 
     @property
     def peer(self) -> PeerID:
@@ -659,7 +662,8 @@ class RPC:
             if await call._recv_item() is not _END:
                 raise MalformedFrameError(f"unary call {method} carried more than one request")
             response = await handler(call.context, request)
-            await call._chan.write_frame(FrameKind.MESSAGE, _message_payload(response, call._chan.config))
+            chan = call._chan
+            call._final_reply = encode_frame(FrameKind.MESSAGE, _message_payload(response, chan.config), chan.version)
 
         self.register_stream(method, adapter)
 
@@ -1008,7 +1012,7 @@ class RPC:
         except Exception as exc:
             logger.info("handler %s for %r raised %s: %s", call.method, call.peer, type(exc).__name__, exc)
             return _remote_error_frame(exc, call.method, version)
-        return encode_frame(FrameKind.END, b"", version)
+        return call._final_reply + encode_frame(FrameKind.END, b"", version)
 
     async def _server_read_loop(
         self, chan: _Channel, state: _ServerState, handler_task: asyncio.Task[bytes], pending: list[Frame]
