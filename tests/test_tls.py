@@ -253,3 +253,39 @@ def test_certificates_carry_the_identity() -> None:
     assert peer_id_from_certificate(anchor) != ident.peer_id
     # The anchor is fixed, so independently started peers trust each other's chains.
     assert tls._anchor()[1] == anchor
+
+
+class _BodyError(Exception):
+    pass
+
+
+async def _fail_after_a_round_trip(server_address: Address, server: TLSTransport) -> None:
+    async with TLSTransport(Identity.generate(), _echo) as client:
+        conn = await client.connect(server_address, server.local_peer)
+        assert await _round_trip(conn) == b"ping"
+        raise _BodyError("boom")
+
+
+async def test_body_exception_propagates_as_itself_not_a_group() -> None:
+    async with _server() as (server, address), asyncio.timeout(TIMEOUT):
+        with pytest.raises(_BodyError, match="boom") as info:
+            await _fail_after_a_round_trip(address, server)
+        assert type(info.value) is _BodyError
+
+
+async def test_cancelling_the_body_propagates_cancellation() -> None:
+    inside = asyncio.Event()
+
+    async def body() -> None:
+        async with _server() as (_, address):
+            assert address.port
+            inside.set()
+            await asyncio.sleep(3600)
+
+    async with asyncio.timeout(TIMEOUT):
+        task = asyncio.create_task(body())
+        await inside.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()

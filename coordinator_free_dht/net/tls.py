@@ -760,7 +760,10 @@ class TLSTransport(Transport):
                 task.cancel()
             tg, self._tg = self._tg, None
             if tg is not None:
-                await tg.__aexit__(exc_type, exc, tb)
+                # The body's own exception is not handed to the task group, which would wrap it in an
+                # ExceptionGroup: our tasks are cancelled above, the group only waits for them, and the
+                # body's exception (or cancellation) then propagates as itself.
+                await tg.__aexit__(None, None, None)
 
     async def _close_everything(self) -> None:
         for server in self._servers:
