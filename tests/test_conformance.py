@@ -51,17 +51,9 @@ if QuicTransport is not None:
     FACTORIES["quic"] = _quic
 
 
-# aioquic moves ~10 MB/s on one core: its 64 MiB round trip belongs to the slow suite.
-_SLOW = {("quic", "check_large_payload_integrity")}
-
-
 @pytest.mark.parametrize(
     ("kind", "check"),
-    [
-        pytest.param(kind, check, marks=[pytest.mark.slow] if (kind, check.__name__) in _SLOW else [])
-        for kind in sorted(FACTORIES)
-        for check in CHECKS
-    ],
+    [(kind, check) for kind in sorted(FACTORIES) for check in CHECKS],
     ids=[f"{kind}-{check.__name__.removeprefix('check_')}" for kind in sorted(FACTORIES) for check in CHECKS],
 )
 async def test_conformance(kind: str, check: Check) -> None:
