@@ -54,3 +54,8 @@ class ManifestError(RunError):
 
 class DataError(RunError):
     """Training data could not be produced, downloaded or read (bad shard, checksum mismatch, server error)."""
+
+
+class OptimError(VolunteerError):
+    """Collaborative training failed or was misused: a bad progress record, optimizer state that does not fit
+    the model, or settings that cannot work together."""

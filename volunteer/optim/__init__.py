@@ -1,0 +1,1 @@
+"""Training algorithms over the swarm: progress tracking and the collaborative optimizer (grad and local modes)."""

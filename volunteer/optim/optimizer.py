@@ -1,0 +1,730 @@
+"""The collaborative optimizer: many peers train one model as if they were one big-batch optimizer.
+
+Two modes (:class:`Mode`):
+
+- ``grad`` (gradient averaging): each peer adds ``grad * batch_size`` to local accumulators at every
+  :meth:`CollaborativeOptimizer.step`. When the swarm's progress records (:mod:`volunteer.optim.progress`)
+  show ``target_batch_size`` samples for the current epoch, the peers average their accumulators *and* their
+  sample counts (equal weights, so the quotient is the mean gradient over every sample of the swarm:
+  ``sum_i S_i / sum_i n_i``, exact whatever each peer contributed), set it as the gradient, and all call the
+  wrapped optimizer and scheduler once. Every peer then holds the same parameters and optimizer state.
+- ``local`` (local updates, DiLoCo, arXiv 2311.08105, Algorithm 1): each peer runs the wrapped (inner)
+  optimizer at every step on its own. Every epoch the peers average the *outer gradient* ``anchor - params``
+  (weighted by samples, as above), reset the parameters to the anchor and apply an outer optimizer (SGD
+  with Nesterov momentum, ``outer_lr``/``outer_momentum``); the result is the next anchor.
+
+Matchmaking for the round of epoch ``e`` (group key ``<mode>.<e>``) starts pre-emptively as soon as the
+progress ETA is shorter than the matchmaking window, so forming the group overlaps the last local steps.
+A peer alone in the swarm steps alone (nothing to average). A round that cannot be formed or fails falls
+back to the local update: the peer steps with its own gradient (or its own outer gradient), the failure is
+LOGGED as a warning and counted in :attr:`CollaborativeOptimizer.stats` (``rounds_failed``), never reported
+as a success and never raised. A peer whose epoch is behind the swarm's (it joined late, or was slow)
+downloads parameters, optimizer state and the epoch from peers (:meth:`load_state_from_peers`).
+
+API for the trainer role (stable)::
+
+    opt = CollaborativeOptimizer(model, inner_opt, scheduler, node=dht, rpc=rpc, run_id="demo",
+                                 config=CollaborativeConfig.from_spec(manifest.averaging))
+    async with opt:                       # owns a TaskGroup: progress publisher, state advertisement,
+        await opt.load_state_from_peers() #   pre-emptive matchmaking; (optional: late joiners)
+        for batch in data:
+            loss = task_loss(model, batch); loss.backward()
+            await opt.step(len(batch))    # True when a global step (epoch) happened
+        await opt.finish_epoch()          # optional: stop contributing, join the current epoch's round
+    opt.epoch, opt.stats                  # OptimizerStats: samples/s, rounds ok/partial/failed, ...
+
+Mixed precision: pass ``scaler`` (a ``torch.amp.GradScaler``) and call ``scaler.scale(loss).backward()``;
+the optimizer unscales, skips batches whose gradients overflowed and updates the scale. ``offload`` keeps
+the gradient accumulators / DiLoCo anchor on the CPU (for GPU peers short of memory); the averaging buffers
+are always on the CPU. Tensor math on large models runs in ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from coordinator_free_dht.errors import DHTError
+from coordinator_free_dht.net.rpc import RPC
+from coordinator_free_dht.node import DHTNode
+from volunteer.averaging.averager import Averager, AveragerConfig, AveragingResult, RoundStatus
+from volunteer.averaging.matchmaking import FormedGroup, Matchmaker, MatchmakingConfig, ReadyInfo
+from volunteer.averaging.state_sync import (
+    StateDownload,
+    StateServer,
+    StateSnapshot,
+    SyncConfig,
+    advertise_state,
+    find_donors,
+)
+from volunteer.errors import AveragingError, MatchmakingError, OptimError, StateSyncError
+from volunteer.optim.progress import GlobalProgress, LocalProgress, ProgressConfig, ProgressTracker
+from volunteer.tensors.adaptive import AdaptiveCompression, TensorRole
+from volunteer.tensors.codecs import CodecId, Compression
+
+if TYPE_CHECKING:
+    from volunteer.run.manifest import AveragingSpec
+
+__all__ = ["CollaborativeConfig", "CollaborativeOptimizer", "Mode", "OptimizerStats"]
+
+logger = logging.getLogger(__name__)
+
+_Scheduler = torch.optim.lr_scheduler.LRScheduler
+
+
+class Mode(enum.StrEnum):
+    """How peers combine their work (see the module docstring)."""
+
+    GRAD = "grad"
+    LOCAL = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class CollaborativeConfig:
+    """Settings of the collaborative optimizer (usually from a run manifest's ``averaging`` table)."""
+
+    mode: Mode = Mode.GRAD
+    """``grad``: average gradients every epoch; ``local``: DiLoCo inner steps and an outer step per epoch."""
+    target_batch_size: int = 4096
+    """Samples the whole swarm accumulates per epoch (one global step)."""
+    min_group_size: int = 2
+    """Smallest averaging group worth forming."""
+    max_group_size: int = 16
+    """Largest averaging group."""
+    matchmaking_time: float = 5.0
+    """Seconds to gather a group (the matchmaking window)."""
+    allreduce_timeout: float = 60.0
+    """Seconds one all-reduce may take."""
+    state_sync_timeout: float = 120.0
+    """Seconds a state download may take."""
+    epoch_timeout: float = 600.0
+    """Seconds :meth:`CollaborativeOptimizer.finish_epoch` waits for the swarm to reach the target before it
+    averages with whoever is ready."""
+    outer_lr: float = 0.7
+    """Local mode: outer learning rate."""
+    outer_momentum: float = 0.9
+    """Local mode: outer Nesterov momentum."""
+    compression: Compression | None = None
+    """Codec of the averaged tensors; ``None``: adaptive by role and size (gradients or parameters)."""
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
+    """Progress publishing and refresh."""
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    """State download settings."""
+    state_ttl: float = 60.0
+    """Seconds a state advertisement stays in the DHT (republished at half that)."""
+    offload: bool = False
+    """Keep gradient accumulators and the DiLoCo anchor on the CPU (GPU peers short of memory)."""
+    offload_elements: int = 1 << 16
+    """Tensor math over at least this many elements in total runs in a worker thread."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode(self.mode))
+        if self.target_batch_size < 1:
+            raise OptimError("target_batch_size must be at least 1")
+        if not 1 <= self.min_group_size <= self.max_group_size:
+            raise OptimError("need 1 <= min_group_size <= max_group_size")
+        if min(self.matchmaking_time, self.allreduce_timeout, self.state_sync_timeout, self.epoch_timeout) <= 0:
+            raise OptimError("every time limit must be positive")
+        if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
+            raise OptimError("outer_lr must be positive and outer_momentum in [0, 1)")
+
+    @classmethod
+    def from_spec(cls, spec: AveragingSpec, **overrides: Any) -> CollaborativeConfig:
+        """The config a manifest's ``averaging`` table describes (``overrides`` replace fields)."""
+        name = spec.compression.gradients if spec.mode == "grad" else spec.compression.parameters
+        values: dict[str, Any] = {
+            "mode": Mode(spec.mode),
+            "target_batch_size": spec.target_batch_size,
+            "min_group_size": spec.min_group_size,
+            "max_group_size": spec.max_group_size,
+            "matchmaking_time": spec.matchmaking_time,
+            "allreduce_timeout": spec.allreduce_timeout,
+            "state_sync_timeout": spec.state_sync_timeout,
+            "outer_lr": spec.outer_lr,
+            "outer_momentum": spec.outer_momentum,
+            "compression": None if name == "adaptive" else Compression(CodecId(name)),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class OptimizerStats:
+    """What the optimizer did so far (for the dashboard, the demo summary and the benchmark)."""
+
+    epoch: int = 0
+    """Current epoch (global steps taken)."""
+    samples: int = 0
+    """Samples this peer processed in total."""
+    samples_per_second: float = 0.0
+    """This peer's recent throughput."""
+    swarm_samples_per_second: float = 0.0
+    """The swarm's throughput, from the progress records."""
+    peers: int = 0
+    """Peers with a fresh progress record."""
+    rounds_complete: int = 0
+    """Averaging rounds in which every part was averaged with every member."""
+    rounds_partial: int = 0
+    """Rounds in which some parts or members were missing (logged)."""
+    rounds_failed: int = 0
+    """Rounds that could not be formed or averaged nothing: the local update was used (logged)."""
+    rounds_solo: int = 0
+    """Epochs stepped alone because no other peer was in the swarm."""
+    averaging_seconds: float = 0.0
+    """Time spent in matchmaking waits and all-reduce (after the batch was complete)."""
+    group_sizes: list[int] = field(default_factory=list)
+    """Size of the group of each averaging round, in order."""
+    state_downloads: int = 0
+    """Times the state was downloaded from peers."""
+    skipped_batches: int = 0
+    """Batches skipped because their (mixed precision) gradients overflowed."""
+
+
+def _parameters(params: nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(params, nn.Module):
+        return [p for p in params.parameters() if p.requires_grad]
+    return list(params)
+
+
+class CollaborativeOptimizer:
+    """Wraps a ``torch.optim.Optimizer`` (and LR scheduler) for training with the swarm; see the module docs.
+
+    Construction registers RPC handlers (matchmaking, averaging, state serving) and starts nothing;
+    ``async with`` starts the background tasks and stops them on exit.
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        scheduler: _Scheduler | None = None,
+        *,
+        node: DHTNode,
+        rpc: RPC | None = None,
+        run_id: str,
+        config: CollaborativeConfig | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.params = _parameters(params)
+        if not self.params:
+            raise OptimError("no parameters to train")
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if any(id(p) not in known for p in self.params):
+            raise OptimError("the optimizer does not train every parameter given")
+        self.opt = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.node = node
+        self.rpc = rpc or node.rpc
+        self.run_id = run_id
+        self.config = config = config or CollaborativeConfig()
+        self.rng = rng or random.Random()
+        self.clock = node.clock
+        self.epoch = 0
+        """The number of global steps this peer has taken part in (or downloaded)."""
+        self.stats = OptimizerStats()
+        self.tracker = ProgressTracker(node, run_id, config.target_batch_size, config.progress)
+        self.matchmaker = Matchmaker(
+            node,
+            self.rpc,
+            MatchmakingConfig(
+                prefix=run_id,
+                target_group_size=config.max_group_size,
+                min_group_size=max(2, config.min_group_size),
+                window=config.matchmaking_time,
+                join_timeout=max(2.0, config.matchmaking_time),
+            ),
+            rng=random.Random(self.rng.random()),
+        )
+        numel = sum(p.numel() for p in self.params)
+        role = TensorRole.GRADIENT if config.mode is Mode.GRAD else TensorRole.PARAMETER
+        compression = config.compression or AdaptiveCompression().choose_for(numel, torch.float32, role)
+        sender_timeout = max(1.0, config.allreduce_timeout / 4)
+        self.averager = Averager(
+            self.rpc,
+            AveragerConfig(
+                compression=compression,
+                sender_timeout=sender_timeout,
+                reducer_timeout=2 * sender_timeout,
+                round_timeout=config.allreduce_timeout,
+                join_timeout=config.matchmaking_time + sender_timeout,
+            ),
+        )
+        self.state_server = StateServer(self.rpc, config.sync)
+        self._numel = numel
+        store = torch.device("cpu") if config.offload else None
+        self._local_samples = 0
+        self._accumulators: list[torch.Tensor] = []
+        self._anchor: list[torch.Tensor] = []
+        self._outer: torch.optim.SGD | None = None
+        if config.mode is Mode.GRAD:
+            self._accumulators = [torch.zeros_like(p, device=store or p.device) for p in self.params]
+        else:
+            self._anchor = [p.detach().to(store or p.device, copy=True) for p in self.params]
+            self._outer = torch.optim.SGD(
+                self.params, lr=config.outer_lr, momentum=config.outer_momentum, nesterov=config.outer_momentum > 0
+            )
+        self._view: GlobalProgress | None = None
+        self._next_refresh = -math.inf
+        self._last_step_time: float | None = None
+        self._matchmaking: asyncio.Task[FormedGroup | MatchmakingError] | None = None
+        self._matchmaking_epoch = -1
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._round_lock = asyncio.Lock()
+
+    # --- lifetime ----------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> CollaborativeOptimizer:
+        stack = contextlib.AsyncExitStack()
+        self._tg = await stack.enter_async_context(asyncio.TaskGroup())
+        stack.push_async_callback(self._stop_background)
+        self._stack = stack
+        await self._publish_state()
+        await self._refresh()
+        self._background = [
+            self._tg.create_task(self._progress_loop(), name="optim-progress"),
+            self._tg.create_task(self._advertise_loop(), name="optim-advertise"),
+        ]
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc, tb)
+        self._tg = None
+
+    async def _stop_background(self) -> None:
+        tasks = [*self._background]
+        if self._matchmaking is not None:
+            tasks.append(self._matchmaking)  # type: ignore[arg-type]
+        for task in tasks:
+            task.cancel()
+        self._background = []
+        self._matchmaking = None
+
+    def _task_group(self) -> asyncio.TaskGroup:
+        if self._tg is None:
+            raise OptimError("use the optimizer inside `async with`")
+        return self._tg
+
+    # --- the trainer's calls -----------------------------------------------------------------------------
+
+    async def step(self, batch_size: int) -> bool:
+        """Account for one local batch whose gradients are in ``.grad``; take a global step when the swarm
+        reached the target. Returns True if the epoch advanced (a global step or a state download)."""
+        self._task_group()
+        if batch_size < 0:
+            raise OptimError("batch_size must be non-negative")
+        if batch_size > 0 and not self._take_batch(batch_size):
+            return False
+        self._update_rate(batch_size)
+        view = await self._maybe_refresh()
+        if view.epoch > self.epoch:
+            return await self._catch_up(view)
+        if view.ready:
+            await self._global_step(view)
+            return True
+        if view.eta <= self.config.matchmaking_time + self.tracker.refresh_interval(view):
+            self._start_matchmaking()
+        return False
+
+    async def finish_epoch(self) -> bool:
+        """Contribute no more samples to this epoch: wait (up to ``epoch_timeout``) until the swarm reaches the
+        target, then take part in the round. For a trainer that pauses or leaves; returns as :meth:`step`."""
+        self._task_group()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.epoch_timeout
+        while True:
+            view = await self._refresh()
+            if view.epoch > self.epoch:
+                return await self._catch_up(view)
+            if view.ready or loop.time() >= deadline:
+                if not view.ready:
+                    logger.warning(
+                        "epoch %d: the swarm has %d of %d samples after %gs; averaging with whoever is ready",
+                        self.epoch,
+                        view.samples,
+                        view.target_batch_size,
+                        self.config.epoch_timeout,
+                    )
+                await self._global_step(view)
+                return True
+            if view.eta <= self.config.matchmaking_time + self.tracker.refresh_interval(view):
+                self._start_matchmaking()
+            await asyncio.sleep(min(self.tracker.refresh_interval(view), max(0.0, deadline - loop.time())))
+
+    async def load_state_from_peers(self, *, newer_only: bool = False) -> bool:
+        """Download parameters, optimizer state and epoch from the peers with the newest state. False if no
+        donor has a state as new as ours (``newer_only``: newer than ours) or every donor failed (logged);
+        never raises for network faults."""
+        try:
+            donors = await find_donors(self.node, self.run_id)
+        except DHTError as exc:
+            logger.warning("could not look up state donors: %s", exc)
+            return False
+        if not donors or donors[0][0] < self.epoch or (newer_only and donors[0][0] == self.epoch):
+            return False
+        newest = donors[0][0]
+        peers = [peer for epoch, peer in donors if epoch == newest]
+        download = StateDownload(self.rpc, self.config.sync, rng=random.Random(self.rng.random()))
+        try:
+            async with asyncio.timeout(self.config.state_sync_timeout):
+                state = await download.run(peers)
+        except (StateSyncError, TimeoutError) as exc:
+            logger.warning("state download from %d donor(s) failed: %s", len(peers), exc or "timed out")
+            return False
+        try:
+            self._apply_state(state.epoch, dict(state.metadata), state.tensors)
+        except (OptimError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            logger.warning("the downloaded state does not fit our model: %s", exc)
+            return False
+        self.stats.state_downloads += 1
+        logger.info("downloaded the state of epoch %d from %d donor(s)", state.epoch, len(peers))
+        await self._publish_state()
+        await self._publish()
+        return True
+
+    # --- local work --------------------------------------------------------------------------------------
+
+    def _take_batch(self, batch_size: int) -> bool:
+        """Fold one batch's gradients in (grad mode) or take the inner step (local mode); False if skipped."""
+        scaler = self.scaler
+        if self.config.mode is Mode.LOCAL:
+            if scaler is not None:
+                scale_before = scaler.get_scale()
+                scaler.step(self.opt)
+                scaler.update()
+                skipped = scaler.get_scale() < scale_before
+            else:
+                skipped = not self._grads_finite()
+                if not skipped:
+                    self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            if scaler is not None:
+                scaler.unscale_(self.opt)
+            skipped = not self._grads_finite()
+            if not skipped:
+                with torch.no_grad():
+                    for acc, p in zip(self._accumulators, self.params, strict=True):
+                        if p.grad is not None:
+                            acc.add_(p.grad.to(acc.device), alpha=float(batch_size))
+            if scaler is not None:
+                scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+        if skipped:
+            self.stats.skipped_batches += 1
+            logger.info("skipped a batch of %d whose gradients are not finite", batch_size)
+            return False
+        self._local_samples += batch_size
+        self.stats.samples += batch_size
+        return True
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return True
+        total = torch.stack([g.float().sum() for g in grads]).sum()
+        return bool(torch.isfinite(total))
+
+    def _update_rate(self, batch_size: int) -> None:
+        now = self.clock.time()
+        last, self._last_step_time = self._last_step_time, now
+        if last is None or now <= last or batch_size == 0:
+            return
+        rate = batch_size / (now - last)
+        old = self.stats.samples_per_second
+        self.stats.samples_per_second = rate if old == 0 else 0.8 * old + 0.2 * rate
+
+    # --- progress ----------------------------------------------------------------------------------------
+
+    async def _publish(self) -> None:
+        record = LocalProgress(
+            self.node.peer_id, self.epoch, self._local_samples, self.stats.samples_per_second, self.clock.time()
+        )
+        await self.tracker.publish(record)
+
+    async def _refresh(self) -> GlobalProgress:
+        await self._publish()
+        view = await self.tracker.fetch()
+        self._view = view
+        self._next_refresh = self.clock.time() + self.tracker.refresh_interval(view)
+        self.stats.swarm_samples_per_second = view.samples_per_second
+        self.stats.peers = view.num_peers
+        return view
+
+    async def _maybe_refresh(self) -> GlobalProgress:
+        view = self._view
+        now = self.clock.time()
+        if view is None or now >= self._next_refresh:
+            return await self._refresh()
+        mine = self.tracker.mine
+        published = mine.samples if mine is not None and mine.epoch == self.epoch else 0
+        others_rate = max(0.0, view.samples_per_second - self.stats.samples_per_second)
+        estimate = view.samples + (self._local_samples - published) + others_rate * (now - view.time)
+        if estimate >= view.target_batch_size:
+            return await self._refresh()
+        return view
+
+    async def _progress_loop(self) -> None:
+        while True:
+            view = self._view
+            await asyncio.sleep(self.tracker.refresh_interval(view))
+            if self.clock.time() >= self._next_refresh:
+                await self._refresh()
+
+    async def _advertise_loop(self) -> None:
+        while True:
+            epoch = self.state_server.epoch
+            if epoch is not None:
+                try:
+                    await advertise_state(self.node, self.run_id, epoch, self._me().peer, ttl=self.config.state_ttl)
+                except DHTError as exc:
+                    logger.info("could not advertise our state: %s", exc)
+            await asyncio.sleep(self.config.state_ttl / 2)
+
+    # --- averaging ---------------------------------------------------------------------------------------
+
+    def _me(self) -> ReadyInfo:
+        info = self.rpc.info if self.rpc.info.addresses else self.node.peer_info
+        return ReadyInfo(info, weight=1.0)
+
+    def _start_matchmaking(self) -> None:
+        if self._matchmaking is not None and self._matchmaking_epoch == self.epoch:
+            return
+        view = self._view
+        if view is not None and view.num_peers <= 1:
+            return
+        self._matchmaking_epoch = self.epoch
+        key = f"{self.config.mode}.{self.epoch}"
+        self._matchmaking = self._task_group().create_task(self._form_group(key), name=f"optim-match-{key}")
+
+    async def _form_group(self, key: str) -> FormedGroup | MatchmakingError:
+        try:
+            return await self.matchmaker.form_group(key, self._me())
+        except MatchmakingError as exc:
+            return exc
+
+    async def _catch_up(self, view: GlobalProgress) -> bool:
+        logger.info("the swarm is at epoch %d and we are at %d: downloading its state", view.epoch, self.epoch)
+        self._drop_matchmaking()
+        return await self.load_state_from_peers(newer_only=True)
+
+    def _drop_matchmaking(self) -> None:
+        if self._matchmaking is not None:
+            self._matchmaking.cancel()
+        self._matchmaking = None
+        self._matchmaking_epoch = -1
+
+    async def _global_step(self, view: GlobalProgress) -> None:
+        async with self._round_lock:
+            start = asyncio.get_running_loop().time()
+            tensors, local_copy = await self._cpu(self._round_inputs)
+            averaged, why = await self._average(view, tensors)
+            self.stats.averaging_seconds += asyncio.get_running_loop().time() - start
+            await self._cpu(self._apply_round, tensors, local_copy, averaged)
+            if why is not None:
+                logger.warning("epoch %d: %s; applied the local update instead", self.epoch, why)
+            self.epoch += 1
+            self.stats.epoch = self.epoch
+            self._local_samples = 0
+            self._drop_matchmaking()
+            await self._publish_state()
+            await self._refresh()
+
+    async def _average(
+        self, view: GlobalProgress, tensors: list[torch.Tensor]
+    ) -> tuple[AveragingResult | None, str | None]:
+        """Run the round; (result, None) on success, (None or a partial result, reason) on fallback."""
+        if view.num_peers <= 1 and self._matchmaking is None:
+            self.stats.rounds_solo += 1
+            return None, None
+        self._start_matchmaking()
+        task = self._matchmaking
+        if task is None:
+            self.stats.rounds_solo += 1
+            return None, None
+        formed = await task
+        if isinstance(formed, MatchmakingError):
+            self.stats.rounds_failed += 1
+            return None, f"no averaging group ({formed})"
+        self.stats.group_sizes.append(len(formed.group.members))
+        try:
+            result = await self.averager.average(tensors, formed.group)
+        except AveragingError as exc:
+            self.stats.rounds_failed += 1
+            return None, f"averaging failed ({exc})"
+        if result.status is RoundStatus.COMPLETE:
+            self.stats.rounds_complete += 1
+            return result, None
+        if result.status is RoundStatus.FAILED:
+            self.stats.rounds_failed += 1
+            return None, f"averaging failed ({result.summary()})"
+        self.stats.rounds_partial += 1
+        count_index = len(tensors) - 1
+        if not all(o.averaged for o in result.parts if o.part.tensor == count_index):
+            return None, f"the sample count was not averaged ({result.summary()})"
+        return result, f"partial round ({result.summary()}); parts not averaged keep local values"
+
+    def _round_inputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """CPU tensors to average (sample-weighted sums, then the sample count) and a copy of them."""
+        n = float(self._local_samples)
+        with torch.no_grad():
+            if self.config.mode is Mode.GRAD:
+                sums = [acc.detach().to("cpu", torch.float32, copy=True) for acc in self._accumulators]
+            else:
+                sums = [
+                    (a.to(p.device) - p.detach()).to("cpu", torch.float32).mul_(n)
+                    for a, p in zip(self._anchor, self.params, strict=True)
+                ]
+        tensors = [*sums, torch.tensor([n], dtype=torch.float64)]
+        return tensors, [t.clone() for t in tensors]
+
+    def _apply_round(
+        self, tensors: list[torch.Tensor], local_copy: list[torch.Tensor], result: AveragingResult | None
+    ) -> None:
+        """Turn the (averaged or local) sums into the update and take the global step."""
+        if result is None:
+            tensors = local_copy
+        count = float(tensors[-1].item())
+        local_count = float(local_copy[-1].item())
+        with torch.no_grad():
+            updates = [t / count if count > 0 else torch.zeros_like(t) for t in tensors[:-1]]
+            if result is not None:
+                for outcome in result.parts:
+                    part = outcome.part
+                    if outcome.averaged or part.tensor >= len(updates):
+                        continue
+                    flat = updates[part.tensor].view(-1)
+                    local = local_copy[part.tensor].view(-1)[part.start : part.end]
+                    flat[part.start : part.end] = local / local_count if local_count > 0 else 0.0
+            if self.config.mode is Mode.GRAD:
+                for p, g in zip(self.params, updates, strict=True):
+                    p.grad = g.to(p.device, p.dtype).view_as(p)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                for acc in self._accumulators:
+                    acc.zero_()
+            else:
+                assert self._outer is not None
+                for p, a, g in zip(self.params, self._anchor, updates, strict=True):
+                    p.copy_(a.to(p.device))
+                    p.grad = g.to(p.device, p.dtype).view_as(p)
+                self._outer.step()
+                self._outer.zero_grad(set_to_none=True)
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                for p, a in zip(self.params, self._anchor, strict=True):
+                    a.copy_(p.detach())
+
+    async def _cpu(self, fn: Any, *args: Any) -> Any:
+        if self._numel >= self.config.offload_elements:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    # --- state -------------------------------------------------------------------------------------------
+
+    def _state_tensors(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """Metadata and tensors of our state: parameters, optimizer state, outer momentum, scheduler."""
+        tensors = [p.detach().to("cpu", copy=True) for p in self.params]
+        layout: list[list[Any]] = []
+        scalars: list[list[Any]] = []
+        optimizers: list[tuple[str, torch.optim.Optimizer]] = [("inner", self.opt)]
+        if self._outer is not None:
+            optimizers.append(("outer", self._outer))
+        for which, opt in optimizers:
+            for i, p in enumerate(self.params):
+                for name, value in sorted(opt.state.get(p, {}).items()):
+                    if isinstance(value, torch.Tensor):
+                        layout.append([which, i, name])
+                        tensors.append(value.detach().to("cpu", copy=True))
+                    elif isinstance(value, int | float | bool):
+                        scalars.append([which, i, name, value])
+        metadata: dict[str, Any] = {
+            "epoch": self.epoch,
+            "mode": str(self.config.mode),
+            "layout": layout,
+            "scalars": scalars,
+            "lrs": [float(g["lr"]) for g in self.opt.param_groups],
+        }
+        if self.scheduler is not None:
+            metadata["scheduler"] = [int(self.scheduler.last_epoch), int(getattr(self.scheduler, "_step_count", 0))]
+        return metadata, tensors
+
+    async def _publish_state(self) -> None:
+        metadata, tensors = await self._cpu(self._state_tensors)
+        await self.state_server.publish(StateSnapshot(self.epoch, metadata, tuple(tensors)))
+        with contextlib.suppress(DHTError):
+            await advertise_state(self.node, self.run_id, self.epoch, self._me().peer, ttl=self.config.state_ttl)
+
+    def _apply_state(self, epoch: int, metadata: dict[str, Any], tensors: Sequence[torch.Tensor]) -> None:
+        """Load a downloaded state (checked against our model first; :class:`OptimError` if it does not fit)."""
+        n = len(self.params)
+        layout, scalars = metadata.get("layout"), metadata.get("scalars")
+        if metadata.get("mode") != str(self.config.mode) or not isinstance(layout, list):
+            raise OptimError("the state is from another mode or has no layout")
+        if not isinstance(scalars, list) or len(tensors) != n + len(layout):
+            raise OptimError("the state's tensors do not match its layout")
+        for p, t in zip(self.params, tensors[:n], strict=True):
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise OptimError(f"a parameter arrived as {list(t.shape)} {t.dtype}, expected {list(p.shape)}")
+        opts: dict[str, torch.optim.Optimizer] = {"inner": self.opt}
+        if self._outer is not None:
+            opts["outer"] = self._outer
+        new_state: dict[str, dict[int, dict[str, Any]]] = {k: {} for k in opts}
+        for entry, tensor in zip(layout, tensors[n:], strict=True):
+            which, i, name = entry
+            if which not in opts or not isinstance(i, int) or not 0 <= i < n or not isinstance(name, str):
+                raise OptimError("the state's layout names an unknown optimizer or parameter")
+            new_state[which].setdefault(i, {})[name] = tensor
+        for entry in scalars:
+            which, i, name, value = entry
+            if which not in opts or not isinstance(i, int) or not 0 <= i < n or not isinstance(name, str):
+                raise OptimError("the state's scalars name an unknown optimizer or parameter")
+            new_state[which].setdefault(i, {})[name] = value
+        lrs = metadata.get("lrs")
+        if not isinstance(lrs, list) or len(lrs) != len(self.opt.param_groups):
+            raise OptimError("the state's learning rates do not match our parameter groups")
+        with torch.no_grad():
+            for p, t in zip(self.params, tensors[:n], strict=True):
+                p.copy_(t)
+            for which, opt in opts.items():
+                opt.state.clear()
+                for i, values in new_state[which].items():
+                    p = self.params[i]
+                    opt.state[p] = {
+                        k: v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                        for k, v in values.items()
+                    }
+            for group, lr in zip(self.opt.param_groups, lrs, strict=True):
+                group["lr"] = float(lr)
+            sched = metadata.get("scheduler")
+            if self.scheduler is not None and isinstance(sched, list) and len(sched) == 2:
+                state = self.scheduler.state_dict()
+                state.update({"last_epoch": int(sched[0]), "_step_count": int(sched[1]), "_last_lr": list(lrs)})
+                self.scheduler.load_state_dict(state)
+            for acc in self._accumulators:
+                acc.zero_()
+            for a, p in zip(self._anchor, self.params, strict=True):
+                a.copy_(p.detach())
+        self.epoch = epoch
+        self.stats.epoch = epoch
+        self._local_samples = 0
