@@ -44,13 +44,13 @@ from coordinator_free_dht.errors import (
     DialTimeoutError,
     ListenError,
     PeerMismatchError,
-    StreamClosedError,
     StreamResetError,
     TransportClosedError,
     TransportError,
 )
 from coordinator_free_dht.identity import Identity, PeerID
-from coordinator_free_dht.net.transport import Address, Connection, Stream, StreamHandler, Transport
+from coordinator_free_dht.net.mux import CreditStream
+from coordinator_free_dht.net.transport import Address, Connection, StreamHandler, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -284,142 +284,40 @@ class _Pipe:
             self._handle = None
 
 
-class MemoryStream(Stream):
-    """One stream of a :class:`MemoryConnection`."""
+class MemoryStream(CreditStream):
+    """One stream of a :class:`MemoryConnection`: segments of at most :attr:`MemoryConfig.segment_size`
+    bytes within the peer's credit; every control message costs ``_CONTROL_BYTES`` on the link."""
+
+    __slots__ = ("_conn",)
+
+    # Kept as it always was: seeded simulations replay only if the messages (and so the RNG draws) do.
+    _credit_after_fin = True
 
     def __init__(self, conn: MemoryConnection, stream_id: int) -> None:
+        config = conn.network.config
+        super().__init__(stream_id, config.stream_window, config.segment_size)
         self._conn = conn
-        self.stream_id = stream_id
-        self._recv: deque[bytes] = deque()
-        self._head_offset = 0
-        self._readable = asyncio.Event()
-        self._unacked = 0
-        self._credit = conn.network.config.stream_window
-        self._credit_event = asyncio.Event()
-        self._fin_sent = False
-        self._fin_received = False
-        self._abandoned = False
-        self._error: TransportError | None = None
 
     @property
     def connection(self) -> MemoryConnection:
         """The connection this stream belongs to."""
         return self._conn
 
-    async def read(self, max_bytes: int = 65536) -> bytes:
-        """Up to ``max_bytes`` bytes; ``b""`` once the peer half-closed and everything was read."""
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be > 0")
-        while not self._recv:
-            if self._fin_received and not isinstance(self._error, StreamResetError):
-                return b""
-            if self._error is not None:
-                raise self._error
-            self._readable.clear()
-            await self._readable.wait()
-        chunk = self._recv[0]
-        start = self._head_offset
-        if len(chunk) - start <= max_bytes:
-            self._recv.popleft()
-            self._head_offset = 0
-            data = chunk[start:] if start else chunk
-        else:
-            data = chunk[start : start + max_bytes]
-            self._head_offset = start + max_bytes
-        self._unacked += len(data)
-        if self._unacked >= self._conn.network.config.stream_window // 4 and self._error is None:
-            self._conn._send(_CONTROL_BYTES, "window", self.stream_id, self._unacked)
-            self._unacked = 0
-        return data
+    def _send_credit(self, increment: int) -> None:
+        self._conn._send(_CONTROL_BYTES, "window", self.stream_id, increment)
 
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data`` in segments as the peer's window allows (backpressure)."""
-        view = memoryview(data).cast("B")
-        self._check_writable()
-        segment = self._conn.network.config.segment_size
-        offset = 0
-        while offset < len(view):
-            while self._credit <= 0:
-                self._credit_event.clear()
-                await self._credit_event.wait()
-                self._check_writable()
-            n = min(len(view) - offset, self._credit, segment)
-            self._conn._send(n, "data", self.stream_id, view[offset : offset + n].tobytes())
-            self._credit -= n
-            offset += n
-
-    def _check_writable(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._fin_sent:
-            raise StreamClosedError(f"stream {self.stream_id} was already half-closed for writing")
-
-    async def write_eof(self) -> None:
-        """Half-close: we send no more. Idempotent."""
-        if self._fin_sent:
-            return
-        if self._error is not None:
-            raise self._error
-        self._fin_sent = True
+    def _send_fin(self) -> None:
         self._conn._send(_CONTROL_BYTES, "fin", self.stream_id, None)
-        self._maybe_forget()
 
-    def reset(self) -> None:
-        """Abort both directions now; the peer sees ``StreamResetError``. Idempotent, never raises."""
-        if self._error is not None:
-            return
-        fully_closed = self._fin_sent and self._fin_received
-        self._fail(StreamResetError(f"stream {self.stream_id} was reset locally"))
-        if not fully_closed and not self._conn.is_closed:
-            self._conn._send(_CONTROL_BYTES, "reset", self.stream_id, None)
+    def _send_reset(self) -> None:
+        self._conn._send(_CONTROL_BYTES, "reset", self.stream_id, None)
 
-    # -- events from the peer
+    def _send_segment(self, segment: memoryview) -> None:
+        # The segment arrives later, so it must own its bytes.
+        self._conn._send(len(segment), "data", self.stream_id, segment.tobytes())
 
-    def _on_data(self, payload: bytes) -> None:
-        if self._error is not None:
-            return
-        if self._abandoned:
-            self._conn._send(_CONTROL_BYTES, "window", self.stream_id, len(payload))
-            return
-        self._recv.append(payload)
-        self._readable.set()
-
-    def _on_fin(self) -> None:
-        self._fin_received = True
-        self._readable.set()
-        self._maybe_forget()
-
-    def _on_window(self, increment: int) -> None:
-        self._credit += increment
-        self._credit_event.set()
-
-    def _fail(self, error: TransportError) -> None:
-        if self._error is None:
-            self._error = error
-            if not self._fin_received or isinstance(error, StreamResetError):
-                self._recv.clear()
-        self._readable.set()
-        self._credit_event.set()
+    def _forget(self) -> None:
         self._conn._streams.pop(self.stream_id, None)
-
-    def _abandon(self) -> None:
-        self._abandoned = True
-        pending = sum(len(c) for c in self._recv) - self._head_offset + self._unacked
-        self._recv.clear()
-        self._head_offset = self._unacked = 0
-        if pending and self._error is None and not self._fin_received and not self._conn.is_closed:
-            self._conn._send(_CONTROL_BYTES, "window", self.stream_id, pending)
-
-    def _maybe_forget(self) -> None:
-        if self._fin_sent and self._fin_received:
-            self._conn._streams.pop(self.stream_id, None)
-
-    @property
-    def _finished_writing(self) -> bool:
-        return self._fin_sent or self._error is not None
-
-    def __repr__(self) -> str:
-        return f"MemoryStream(id={self.stream_id}, peer={self._conn.remote_peer!r})"
 
 
 class MemoryConnection(Connection):

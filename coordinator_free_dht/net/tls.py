@@ -39,7 +39,6 @@ import os
 import ssl
 import struct
 import tempfile
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -58,14 +57,14 @@ from coordinator_free_dht.errors import (
     ListenError,
     PeerMismatchError,
     ProtocolError,
-    StreamClosedError,
     StreamResetError,
     TransportClosedError,
     TransportError,
 )
 from coordinator_free_dht.identity import Identity, PeerID
 from coordinator_free_dht.net.certs import peer_id_from_certificate
-from coordinator_free_dht.net.transport import Address, Connection, Stream, StreamHandler, Transport
+from coordinator_free_dht.net.mux import CreditStream
+from coordinator_free_dht.net.transport import Address, Connection, StreamHandler, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -218,184 +217,39 @@ def _ssl_context(identity: Identity, server: bool) -> ssl.SSLContext:
 # --- streams --------------------------------------------------------------------------------------
 
 
-class TLSStream(Stream):
-    """One multiplexed stream of a :class:`TLSConnection`."""
+class TLSStream(CreditStream):
+    """One multiplexed stream of a :class:`TLSConnection`: ``DATA`` frames of at most
+    :attr:`TLSConfig.max_frame_size` bytes within the peer's credit, credit returned in ``WINDOW`` frames."""
 
-    __slots__ = (
-        "_abandoned",
-        "_conn",
-        "_credit",
-        "_credit_event",
-        "_error",
-        "_fin_received",
-        "_fin_sent",
-        "_head_offset",
-        "_readable",
-        "_recv",
-        "_recv_size",
-        "_unacked",
-        "stream_id",
-    )
+    __slots__ = ("_conn",)
 
     def __init__(self, conn: TLSConnection, stream_id: int) -> None:
+        super().__init__(stream_id, conn.config.stream_window, conn.config.max_frame_size)
         self._conn = conn
-        self.stream_id = stream_id
-        self._recv: deque[bytes] = deque()
-        self._recv_size = 0
-        self._head_offset = 0
-        self._readable = asyncio.Event()
-        self._unacked = 0
-        self._credit = conn.config.stream_window
-        self._credit_event = asyncio.Event()
-        self._fin_sent = False
-        self._fin_received = False
-        self._abandoned = False
-        self._error: TransportError | None = None
 
     @property
     def connection(self) -> TLSConnection:
         """The connection this stream belongs to."""
         return self._conn
 
-    # -- reading
+    def _send_credit(self, increment: int) -> None:
+        self._conn._send_control(_Frame.WINDOW, self.stream_id, increment)
 
-    async def read(self, max_bytes: int = 65536) -> bytes:
-        """Up to ``max_bytes`` bytes; ``b""`` once the peer half-closed and everything was read."""
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be > 0")
-        while not self._recv:
-            if self._fin_received and not isinstance(self._error, StreamResetError):
-                return b""
-            if self._error is not None:
-                raise self._error
-            self._readable.clear()
-            await self._readable.wait()
-        chunk = self._recv[0]
-        start = self._head_offset
-        available = len(chunk) - start
-        if available <= max_bytes:
-            self._recv.popleft()
-            self._head_offset = 0
-            data = chunk if start == 0 else chunk[start:]
-        else:
-            data = chunk[start : start + max_bytes]
-            self._head_offset = start + max_bytes
-        self._consumed(len(data))
-        return data
-
-    def _consumed(self, n: int) -> None:
-        self._recv_size -= n
-        self._unacked += n
-        # Return credit in quarter-window steps: few WINDOW frames, yet the sender never runs dry.
-        if self._unacked >= self._conn.config.stream_window // 4 and not self._fin_received and self._error is None:
-            self._conn._send_control(_Frame.WINDOW, self.stream_id, self._unacked)
-            self._unacked = 0
-
-    def _on_data(self, payload: bytes) -> None:
-        if self._fin_received:
-            raise ProtocolError(f"data after end of stream {self.stream_id}")
-        if self._error is not None or self._abandoned:
-            # Reset locally or nobody reads any more: drop it, but keep the sender's credit flowing.
-            if self._abandoned and self._error is None:
-                self._conn._send_control(_Frame.WINDOW, self.stream_id, len(payload))
-            return
-        self._recv_size += len(payload)
-        if self._recv_size > self._conn.config.stream_window:
-            raise ProtocolError(f"peer overran the receive window of stream {self.stream_id}")
-        self._recv.append(payload)
-        self._readable.set()
-
-    def _on_fin(self) -> None:
-        self._fin_received = True
-        self._readable.set()
-        self._maybe_forget()
-
-    # -- writing
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data`` in frames as credit allows; returns once it was handed to TLS (backpressure)."""
-        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-        total = len(view)
-        self._check_writable()
-        offset = 0
-        conn = self._conn
-        max_frame = conn.config.max_frame_size
-        while offset < total:
-            while self._credit <= 0:
-                self._credit_event.clear()
-                await self._credit_event.wait()
-                self._check_writable()
-            await conn._wait_writable()
-            self._check_writable()
-            n = min(total - offset, self._credit, max_frame)
-            conn._send_data(self.stream_id, view[offset : offset + n])
-            self._credit -= n
-            offset += n
-
-    def _check_writable(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._fin_sent:
-            raise StreamClosedError(f"stream {self.stream_id} was already half-closed for writing")
-
-    def _on_window(self, increment: int) -> None:
-        self._credit += increment
-        if self._credit > _MAX_U32:
-            raise ProtocolError(f"flow-control window of stream {self.stream_id} overflowed")
-        self._credit_event.set()
-
-    async def write_eof(self) -> None:
-        """Half-close: we send no more. Idempotent."""
-        if self._fin_sent:
-            return
-        if self._error is not None:
-            raise self._error
-        self._fin_sent = True
+    def _send_fin(self) -> None:
         self._conn._send_control(_Frame.FIN, self.stream_id, 0)
-        self._maybe_forget()
 
-    # -- aborting
+    def _send_reset(self) -> None:
+        with contextlib.suppress(TransportError):
+            self._conn._send_control(_Frame.RESET, self.stream_id, _RESET_CANCELLED)
 
-    def reset(self) -> None:
-        """Abort both directions now; the peer sees ``StreamResetError``. Idempotent, never raises."""
-        if self._error is not None:
-            return
-        fully_closed = self._fin_sent and self._fin_received
-        self._fail(StreamResetError(f"stream {self.stream_id} was reset locally"))
-        if not fully_closed:
-            with contextlib.suppress(TransportError):
-                self._conn._send_control(_Frame.RESET, self.stream_id, _RESET_CANCELLED)
+    async def _wait_send_room(self) -> None:
+        await self._conn._wait_writable()
 
-    def _fail(self, error: TransportError) -> None:
-        if self._error is None:
-            self._error = error
-            # Inbound data the peer completed with FIN stays readable after the connection ends.
-            if not self._fin_received or isinstance(error, StreamResetError):
-                self._recv.clear()
-                self._recv_size = 0
-        self._readable.set()
-        self._credit_event.set()
+    def _send_segment(self, segment: memoryview) -> None:
+        self._conn._send_data(self.stream_id, segment)
+
+    def _forget(self) -> None:
         self._conn._forget(self.stream_id)
-
-    def _abandon(self) -> None:
-        """The handler returned after half-closing: discard whatever the peer still sends."""
-        self._abandoned = True
-        self._recv.clear()
-        credit, self._recv_size, self._unacked = self._recv_size + self._unacked, 0, 0
-        if credit and self._error is None and not self._fin_received:
-            with contextlib.suppress(TransportError):
-                self._conn._send_control(_Frame.WINDOW, self.stream_id, credit)
-
-    def _maybe_forget(self) -> None:
-        if self._fin_sent and self._fin_received:
-            self._conn._forget(self.stream_id)
-
-    @property
-    def _finished_writing(self) -> bool:
-        return self._fin_sent or self._error is not None
-
-    def __repr__(self) -> str:
-        return f"TLSStream(id={self.stream_id}, peer={self._conn.remote_peer!r})"
 
 
 # --- connections ----------------------------------------------------------------------------------
