@@ -49,7 +49,7 @@ from coordinator_free_dht.errors import (
     TransportError,
 )
 from coordinator_free_dht.identity import Identity, PeerID
-from coordinator_free_dht.net.mux import CreditStream
+from coordinator_free_dht.net.mux import ConnectionTable, CreditStream, DialCoalescer, run_stream_handler
 from coordinator_free_dht.net.transport import Address, Connection, StreamHandler, Transport
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class MemoryNetwork:
                 if a != b:
                     self._cuts.add(frozenset((a, b)))
         for host in self._hosts.values():
-            for conn in host._all_connections():
+            for conn in host._connections.all():
                 if self.is_cut(conn.local_peer, conn.remote_peer):
                     conn._arm_stall_timer()
 
@@ -168,7 +168,7 @@ class MemoryNetwork:
             if not self.is_cut(pipe.src, pipe.dst):
                 pipe.resume()
         for host in self._hosts.values():
-            for conn in host._all_connections():
+            for conn in host._connections.all():
                 if not self.is_cut(conn.local_peer, conn.remote_peer):
                     conn._disarm_stall_timer()
 
@@ -448,8 +448,8 @@ class MemoryTransport(Transport):
         self._handler = handler
         self.network = network
         self._addresses: list[Address] = []
-        self._connections: dict[PeerID, list[MemoryConnection]] = {}
-        self._dials: dict[PeerID, asyncio.Future[MemoryConnection]] = {}
+        self._connections: ConnectionTable[MemoryConnection] = ConnectionTable()
+        self._dials: DialCoalescer[MemoryConnection] = DialCoalescer()
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._closing = False
@@ -488,7 +488,7 @@ class MemoryTransport(Transport):
             for address in self._addresses:
                 self.network._unbind(address, dead=False)
             self._addresses.clear()
-            for conn in self._all_connections():
+            for conn in self._connections.all():
                 await conn.aclose()
             if self.network._hosts.get(self.local_peer) is self:
                 del self.network._hosts[self.local_peer]
@@ -514,10 +514,7 @@ class MemoryTransport(Transport):
 
     def connection_to(self, peer: PeerID) -> MemoryConnection | None:
         """The live connection to ``peer``, if any."""
-        for conn in self._connections.get(peer, ()):
-            if not conn.is_closed:
-                return conn
-        return None
+        return self._connections.live(peer)
 
     async def connect(self, address: Address, expected_peer: PeerID) -> MemoryConnection:
         """Reuse the live connection to ``expected_peer``, join a dial in progress, or dial ``address``."""
@@ -527,31 +524,18 @@ class MemoryTransport(Transport):
         live = self.connection_to(expected_peer)
         if live is not None:
             return live
-        pending = self._dials.get(expected_peer)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._dials[expected_peer] = pending
-            task = tg.create_task(self._dial(address, expected_peer, pending))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(pending)
+        return await self._dials.join(
+            expected_peer,
+            lambda: self._dial(address, expected_peer),
+            lambda coro: self._track(tg.create_task(coro)),
+        )
 
-    async def _dial(self, address: Address, expected: PeerID, result: asyncio.Future[MemoryConnection]) -> None:
+    async def _dial(self, address: Address, expected: PeerID) -> MemoryConnection:
         try:
             async with asyncio.timeout(self.network.config.connect_timeout):
-                conn = await self._handshake(address, expected)
-            result.set_result(conn)
+                return await self._handshake(address, expected)
         except TimeoutError:
-            result.set_exception(DialTimeoutError(f"no answer from {address}"))
-        except DialError as exc:
-            result.set_exception(exc)
-        except asyncio.CancelledError:
-            result.set_exception(TransportClosedError("the transport closed while dialing"))
-            raise
-        finally:
-            if self._dials.get(expected) is result:
-                del self._dials[expected]
+            raise DialTimeoutError(f"no answer from {address}") from None
 
     async def _handshake(self, address: Address, expected: PeerID) -> MemoryConnection:
         net = self.network
@@ -585,40 +569,24 @@ class MemoryTransport(Transport):
         ours = MemoryConnection(self, target.local_peer, address, is_dialer=True)
         theirs = MemoryConnection(target, self.local_peer, Address("mem", here, self._source_port), is_dialer=False)
         ours.peer, theirs.peer = theirs, ours
-        self._connections.setdefault(target.local_peer, []).append(ours)
-        target._connections.setdefault(self.local_peer, []).append(theirs)
+        self._connections.add(ours)
+        target._connections.add(theirs)
         return ours
 
     # -- bookkeeping
 
-    def _all_connections(self) -> list[MemoryConnection]:
-        return [c for group in self._connections.values() for c in group]
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _unregister(self, conn: MemoryConnection) -> None:
-        group = self._connections.get(conn.remote_peer)
-        if group is not None and conn in group:
-            group.remove(conn)
-            if not group:
-                del self._connections[conn.remote_peer]
+        self._connections.remove(conn)
 
     def _spawn_handler(self, stream: MemoryStream) -> None:
         if self._tg is None or self._closing or self._dead:
             stream.reset()
             return
-        task = self._tg.create_task(self._run_handler(stream))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run_handler(self, stream: MemoryStream) -> None:
-        try:
-            await self._handler(stream)
-        except Exception:
-            logger.exception("stream handler failed on %r", stream)
-        finally:
-            if not stream._finished_writing:
-                stream.reset()
-            else:
-                stream._abandon()
+        self._track(self._tg.create_task(run_stream_handler(self._handler, stream, logger)))
 
     def _die(self) -> None:
         if self._dead:
@@ -628,7 +596,7 @@ class MemoryTransport(Transport):
             self.network._unbind(address, dead=True)
         self._addresses.clear()
         loop = asyncio.get_running_loop()
-        for conn in self._all_connections():
+        for conn in self._connections.all():
             peer = conn.peer
             conn._lose(ConnectionLostError("this host was killed"))
             if peer is not None:

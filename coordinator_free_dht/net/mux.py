@@ -269,37 +269,34 @@ async def run_stream_handler(handler: StreamHandler, stream: CreditStream, log: 
 C = TypeVar("C", bound=Connection)
 
 
-class ConnectionTable(Generic[C]):
+class ConnectionTable(dict[PeerID, list[C]], Generic[C]):
     """The connections of one transport by remote peer, inbound and outbound (several may coexist briefly,
-    e.g. when two peers dial each other at once)."""
+    e.g. when two peers dial each other at once). A plain dict underneath, so it reads as one."""
 
-    __slots__ = ("_by_peer",)
-
-    def __init__(self) -> None:
-        self._by_peer: dict[PeerID, list[C]] = {}
+    __slots__ = ()
 
     def add(self, conn: C) -> None:
         """Record ``conn`` under its remote peer."""
-        self._by_peer.setdefault(conn.remote_peer, []).append(conn)
+        self.setdefault(conn.remote_peer, []).append(conn)
 
     def remove(self, conn: C) -> None:
         """Forget ``conn`` (no-op if unknown)."""
-        group = self._by_peer.get(conn.remote_peer)
+        group = self.get(conn.remote_peer)
         if group is not None and conn in group:
             group.remove(conn)
             if not group:
-                del self._by_peer[conn.remote_peer]
+                del self[conn.remote_peer]
 
     def live(self, peer: PeerID) -> C | None:
         """The first connection to ``peer`` that is not closed, if any."""
-        for conn in self._by_peer.get(peer, ()):
+        for conn in self.get(peer, ()):
             if not conn.is_closed:
                 return conn
         return None
 
     def all(self) -> list[C]:
         """A snapshot of every connection (safe to iterate while connections close)."""
-        return [c for group in self._by_peer.values() for c in group]
+        return [c for group in self.values() for c in group]
 
 
 class DialCoalescer(Generic[C]):

@@ -63,7 +63,7 @@ from coordinator_free_dht.errors import (
 )
 from coordinator_free_dht.identity import Identity, PeerID
 from coordinator_free_dht.net.certs import peer_id_from_certificate
-from coordinator_free_dht.net.mux import CreditStream
+from coordinator_free_dht.net.mux import ConnectionTable, CreditStream, DialCoalescer, run_stream_handler
 from coordinator_free_dht.net.transport import Address, Connection, StreamHandler, Transport
 
 logger = logging.getLogger(__name__)
@@ -565,8 +565,8 @@ class TLSTransport(Transport):
         self.config = config or TLSConfig()
         self._servers: list[asyncio.Server] = []
         self._addresses: list[Address] = []
-        self._connections: dict[PeerID, list[TLSConnection]] = {}
-        self._dials: dict[PeerID, asyncio.Future[TLSConnection]] = {}
+        self._connections: ConnectionTable[TLSConnection] = ConnectionTable()
+        self._dials: DialCoalescer[TLSConnection] = DialCoalescer()
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -622,7 +622,7 @@ class TLSTransport(Transport):
     async def _close_everything(self) -> None:
         for server in self._servers:
             server.close()
-        conns = [c for group in self._connections.values() for c in group]
+        conns = self._connections.all()
         if conns:
             await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
         for server in self._servers:
@@ -659,10 +659,7 @@ class TLSTransport(Transport):
 
     def connection_to(self, peer: PeerID) -> TLSConnection | None:
         """The live connection to ``peer``, if any (inbound or outbound)."""
-        for conn in self._connections.get(peer, ()):
-            if not conn.is_closed:
-                return conn
-        return None
+        return self._connections.live(peer)
 
     async def connect(self, address: Address, expected_peer: PeerID) -> TLSConnection:
         """Reuse the live connection to ``expected_peer``, join a dial in progress, or dial ``address``."""
@@ -672,17 +669,14 @@ class TLSTransport(Transport):
         live = self.connection_to(expected_peer)
         if live is not None:
             return live
-        pending = self._dials.get(expected_peer)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            # Mark the outcome retrieved even when every caller was cancelled meanwhile.
-            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._dials[expected_peer] = pending
-            self._track(tg.create_task(self._dial(address, expected_peer, pending)))
-        return await asyncio.shield(pending)
+        return await self._dials.join(
+            expected_peer,
+            lambda: self._dial(address, expected_peer),
+            lambda coro: self._track(tg.create_task(coro)),
+        )
 
-    async def _dial(self, address: Address, expected: PeerID, result: asyncio.Future[TLSConnection]) -> None:
-        """Runs as a transport-owned task so that a cancelled caller does not abort a shared dial."""
+    async def _dial(self, address: Address, expected: PeerID) -> TLSConnection:
+        """TCP connect, TLS handshake, peer check; every failure as a ``DialError``."""
         _, client_ctx, _ = self._check_open()
         loop = asyncio.get_running_loop()
         protocol: _MuxProtocol | None = None
@@ -701,23 +695,15 @@ class TLSTransport(Transport):
                 raise protocol.failure
             if protocol.conn is None or protocol.conn.is_closed:
                 raise DialError(f"the connection to {address} closed during the handshake")
-            result.set_result(protocol.conn)
+            return protocol.conn
         except TimeoutError:
-            result.set_exception(
-                DialTimeoutError(f"no TLS handshake with {address} within {self.config.handshake_timeout} s")
-            )
+            raise DialTimeoutError(
+                f"no TLS handshake with {address} within {self.config.handshake_timeout} s"
+            ) from None
         except ssl.SSLError as exc:
-            result.set_exception(HandshakeError(f"TLS handshake with {address} failed: {exc.reason or exc}"))
+            raise HandshakeError(f"TLS handshake with {address} failed: {exc.reason or exc}") from exc
         except OSError as exc:
-            result.set_exception(DialError(f"cannot connect to {address}: {exc.strerror or exc}"))
-        except DialError as exc:
-            result.set_exception(exc)
-        except asyncio.CancelledError:
-            result.set_exception(TransportClosedError("the transport closed while dialing"))
-            raise
-        finally:
-            if self._dials.get(expected) is result:
-                del self._dials[expected]
+            raise DialError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
 
     # -- bookkeeping (called by connections and protocols)
 
@@ -728,32 +714,17 @@ class TLSTransport(Transport):
     def _register(self, conn: TLSConnection) -> None:
         if self._tg is None or self._closing:
             raise HandshakeError("the transport is closing")
-        self._connections.setdefault(conn.remote_peer, []).append(conn)
+        self._connections.add(conn)
         self._track(self._tg.create_task(self._keepalive(conn)))
 
     def _unregister(self, conn: TLSConnection) -> None:
-        group = self._connections.get(conn.remote_peer)
-        if group is not None and conn in group:
-            group.remove(conn)
-            if not group:
-                del self._connections[conn.remote_peer]
+        self._connections.remove(conn)
 
     def _spawn_handler(self, stream: TLSStream) -> None:
         if self._tg is None or self._closing:
             stream.reset()
             return
-        self._track(self._tg.create_task(self._run_handler(stream)))
-
-    async def _run_handler(self, stream: TLSStream) -> None:
-        try:
-            await self._handler(stream)
-        except Exception:
-            logger.exception("stream handler failed on %r", stream)
-        finally:
-            if not stream._finished_writing:
-                stream.reset()
-            else:
-                stream._abandon()
+        self._track(self._tg.create_task(run_stream_handler(self._handler, stream, logger)))
 
     async def _keepalive(self, conn: TLSConnection) -> None:
         cfg = self.config
