@@ -14,6 +14,7 @@ import typer
 
 from volunteer import __version__
 from volunteer.config_cli import config_app, info
+from volunteer.join_cli import demo, host, join
 from volunteer.paths import Paths
 from volunteer.run_cli import run_app
 
@@ -176,6 +177,9 @@ def stop() -> None:
 app.command()(info)
 app.add_typer(config_app, name="config")
 app.add_typer(run_app, name="run")
+app.command()(host)
+app.command()(join)
+app.command()(demo)
 
 
 @app.command()

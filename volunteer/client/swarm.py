@@ -54,7 +54,7 @@ class SwarmConfig:
     bulk: bool = True
     """Also listen on TLS over TCP for bulk tensor streams (much cheaper per byte than QUIC)."""
     node: NodeConfig = field(
-        default_factory=lambda: NodeConfig(bootstrap_attempts=4, bootstrap_backoff=0.5, rpc_timeout=3.0)
+        default_factory=lambda: NodeConfig(bootstrap_attempts=3, bootstrap_backoff=0.5, rpc_timeout=2.0)
     )
     """DHT node settings (listen host/port come from :attr:`host` / :attr:`port`)."""
     lookup_timeout: float = 30.0

@@ -1,0 +1,259 @@
+"""The trainer role: data-parallel training of a run's model together with the swarm.
+
+:class:`Trainer` is a :class:`~volunteer.client.runtime.Role`. :meth:`Trainer.prepare` does everything that
+can fail because of the run (build the model from the manifest's template, open the data stream and read a
+first batch, which downloads and verifies a shard of a sharded dataset), so ``volunteer join`` can report a
+clear error before the runtime starts. :meth:`Trainer.run` then:
+
+1. enters the :class:`~volunteer.optim.optimizer.CollaborativeOptimizer` (gradient averaging or local
+   updates, as the manifest says) and downloads the current state from peers;
+2. loops: one local step per ``gate.slot()`` (so pauses and the duty cycle apply between steps, never
+   inside one): next batch, forward and backward off the event loop (``asyncio.to_thread``), then
+   ``await opt.step(batch_size)``, which averages and steps when the swarm has reached the target batch;
+3. reports loss (on a fixed held-out batch, the same on every peer, at every new epoch), samples/s, epoch and
+   peers into the :class:`~volunteer.client.status.RoleReport`, and as a :class:`Progress` to an optional
+   callback (headless JSON lines, the demo).
+
+Cancellation (Ctrl-C, ``q``, ``volunteer stop``) leaves through the optimizer's ``async with``, which
+withdraws from matchmaking and finishes or abandons a round so no group waits for us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import torch
+from torch import nn
+
+from volunteer.client.status import RoleReport
+from volunteer.client.swarm import Swarm, run_id
+from volunteer.run.data import Batch, DataStream, evaluation_batch, open_stream
+from volunteer.run.manifest import BuiltinData, Manifest
+from volunteer.run.models import build_model, task_loss
+from volunteer.run.optimizers import build_optimizer, build_scheduler
+from volunteer.run.templates import Task
+
+if TYPE_CHECKING:
+    from volunteer.client.runtime import Gate
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Progress", "Trainer", "TrainerConfig"]
+
+EVAL_SAMPLES = 512
+"""Size of the held-out batch the reported loss is measured on."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainerConfig:
+    """Local settings of the trainer (the run's own settings come from the manifest)."""
+
+    progress_interval: float = 2.0
+    """Seconds between progress reports."""
+    max_seconds: float | None = None
+    """Stop after this long (benchmarks, the demo); None trains until cancelled."""
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default); several peers on one machine want 1 each."""
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """One progress report (also written as a JSON line with ``"type": "progress"``)."""
+
+    time: float
+    """Seconds since training started."""
+    epoch: int
+    """The collaborative epoch (global steps taken by the swarm)."""
+    samples: int
+    """Samples this peer processed."""
+    samples_per_s: float
+    """This peer's recent throughput."""
+    loss: float
+    """Latest loss on the held-out batch (the training loss for sharded data)."""
+    train_loss: float
+    """Mean training loss since the previous report."""
+    peers: int
+    """Peers in the run as the optimizer sees them (this one included)."""
+    rounds: int
+    """Averaging rounds this peer completed."""
+    averaging_s: float
+    """Seconds this peer spent averaging."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data."""
+        return {"type": "progress", **asdict(self)}
+
+
+class Trainer:
+    """The trainer role (see the module docstring)."""
+
+    name = "trainer"
+
+    def __init__(
+        self,
+        swarm: Swarm,
+        manifest: Manifest,
+        *,
+        cache_dir: Path,
+        config: TrainerConfig | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.swarm = swarm
+        self.manifest = manifest
+        self.config = config or TrainerConfig()
+        self._cache_dir = cache_dir
+        self._on_progress = on_progress
+        self._clock = clock
+        self._model: nn.Module | None = None
+        self._stream: DataStream | None = None
+        self._first: Batch | None = None
+        self._eval: Batch | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self.history: list[Progress] = []
+        """Every progress report so far."""
+        self.loss_start: float | None = None
+        """The held-out loss after the state download, before this peer's first step."""
+
+    @property
+    def task(self) -> Task:
+        """The run's task."""
+        data = self.manifest.data
+        return data.task if isinstance(data, BuiltinData) else Task(data.task)
+
+    async def prepare(self) -> None:
+        """Build the model and open the data (one batch is read now, so data errors surface before training).
+
+        Raises :class:`~volunteer.errors.ManifestError` or :class:`~volunteer.errors.DataError`.
+        """
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
+        m = self.manifest
+        self._model = await asyncio.to_thread(build_model, m.model.template, m.model.config, m.seed)
+        if not isinstance(m.data, BuiltinData):
+            self._http = await self._stack.enter_async_context(httpx.AsyncClient())
+        peer_seed = self.swarm.identity.peer_id.digest
+        self._stream = open_stream(m.data, m.seed, peer_seed, cache_dir=self._cache_dir, client=self._http)
+        self._first = await self._stream.next_batch(m.averaging.batch_size)
+        if isinstance(m.data, BuiltinData):
+            self._eval = evaluation_batch(m.data, m.seed, EVAL_SAMPLES)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client (if any)."""
+        await self._stack.aclose()
+
+    def _train_step(self, batch: Batch) -> float:
+        assert self._model is not None
+        self._model.train()
+        loss = task_loss(self.task, self._model(batch.inputs), batch.targets)
+        loss.backward()  # type: ignore[no-untyped-call]
+        return float(loss.detach())
+
+    def _evaluate(self) -> float:
+        assert self._model is not None
+        assert self._eval is not None
+        self._model.eval()
+        with torch.no_grad():
+            return float(task_loss(self.task, self._model(self._eval.inputs), self._eval.targets))
+
+    async def run(self, gate: Gate, report: RoleReport) -> None:
+        """Train until cancelled (or :attr:`TrainerConfig.max_seconds`); see the module docstring."""
+        from volunteer.optim.optimizer import CollaborativeOptimizer
+
+        if self._model is None:
+            await self.prepare()
+        assert self._model is not None
+        assert self._stream is not None
+        m = self.manifest
+        report.run, report.role = m.reference, self.name
+        report.state, report.reason = "training", "downloading the current state from peers"
+        inner = build_optimizer(m.optimizer, self._model.parameters())
+        scheduler = build_scheduler(m.optimizer, inner)
+        opt = CollaborativeOptimizer(
+            self._model, inner, scheduler, node=self.swarm.node, rpc=self.swarm.rpc, run_id=run_id(m), manifest=m
+        )
+        async with opt:
+            await opt.load_state_from_peers()
+            await self._loop(opt, gate, report)
+
+    async def _loop(self, opt: Any, gate: Gate, report: RoleReport) -> None:
+        batch_size = self.manifest.averaging.batch_size
+        has_eval = self._eval is not None
+        loss = await asyncio.to_thread(self._evaluate) if has_eval else math.nan
+        self.loss_start = loss
+        report.add_loss(opt.epoch, loss)
+        report.state, report.reason = "training", ""
+        started = last = self._clock()
+        samples = window_samples = 0
+        train_losses: list[float] = []
+        epoch = opt.epoch
+        batch = self._first
+        self._first = None
+        while self.config.max_seconds is None or self._clock() - started < self.config.max_seconds:
+            async with gate.slot():
+                if batch is None:
+                    batch = await self._stream_next(batch_size)
+                step_started = self._clock()
+                train_losses.append(await asyncio.to_thread(self._train_step, batch))
+                await opt.step(batch.size)
+                samples += batch.size
+                window_samples += batch.size
+                report.add_work(samples=batch.size, seconds=self._clock() - step_started)
+                batch = None
+            if opt.epoch != epoch:
+                epoch = opt.epoch
+                if has_eval:
+                    loss = await asyncio.to_thread(self._evaluate)
+                    report.add_loss(epoch, loss)
+            now = self._clock()
+            if now - last >= self.config.progress_interval:
+                self._emit(opt, report, now - started, samples, window_samples / (now - last), loss, train_losses)
+                last, window_samples, train_losses = now, 0, []
+        if has_eval:
+            loss = await asyncio.to_thread(self._evaluate)
+        now = self._clock()
+        self._emit(opt, report, now - started, samples, samples / max(now - started, 1e-9), loss, train_losses)
+
+    async def _stream_next(self, batch_size: int) -> Batch:
+        assert self._stream is not None
+        return await self._stream.next_batch(batch_size)
+
+    def _emit(
+        self,
+        opt: Any,
+        report: RoleReport,
+        elapsed: float,
+        samples: int,
+        rate: float,
+        loss: float,
+        train_losses: list[float],
+    ) -> None:
+        stats = opt.stats
+        train = sum(train_losses) / len(train_losses) if train_losses else math.nan
+        progress = Progress(
+            time=elapsed,
+            epoch=int(opt.epoch),
+            samples=samples,
+            samples_per_s=rate,
+            loss=loss if not math.isnan(loss) else train,
+            train_loss=train,
+            peers=int(getattr(stats, "peers", 1)),
+            rounds=int(getattr(stats, "rounds", 0)),
+            averaging_s=float(getattr(stats, "averaging_seconds", 0.0)),
+        )
+        report.throughput = rate
+        report.peers = progress.peers
+        self.history.append(progress)
+        log.info("epoch %d, loss %.4f, %.0f samples/s, %d peers", progress.epoch, progress.loss, rate, progress.peers)
+        if self._on_progress is not None:
+            self._on_progress(progress)
