@@ -67,6 +67,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self, cast
 
+# First, before any aioquic import: it imports aioquic.tls with pyOpenSSL, service_identity, certifi deferred.
+from coordinator_free_dht.net import _lean_aioquic  # noqa: F401
+
+# isort: split
+
 from aioquic import tls
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from aioquic._buffer
 from aioquic.quic import events as qe
