@@ -723,8 +723,9 @@ class CollaborativeOptimizer:
                 self.scheduler.load_state_dict(state)
             for acc in self._accumulators:
                 acc.zero_()
-            for a, p in zip(self._anchor, self.params, strict=True):
-                a.copy_(p.detach())
+            if self._anchor:
+                for a, p in zip(self._anchor, self.params, strict=True):
+                    a.copy_(p.detach())
         self.epoch = epoch
         self.stats.epoch = epoch
         self._local_samples = 0
