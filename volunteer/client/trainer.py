@@ -168,7 +168,7 @@ class Trainer:
 
     async def run(self, gate: Gate, report: RoleReport) -> None:
         """Train until cancelled (or :attr:`TrainerConfig.max_seconds`); see the module docstring."""
-        from volunteer.optim.optimizer import CollaborativeOptimizer
+        from volunteer.optim.optimizer import CollaborativeConfig, CollaborativeOptimizer
 
         if self._model is None:
             await self.prepare()
@@ -180,7 +180,13 @@ class Trainer:
         inner = build_optimizer(m.optimizer, self._model.parameters())
         scheduler = build_scheduler(m.optimizer, inner)
         opt = CollaborativeOptimizer(
-            self._model, inner, scheduler, node=self.swarm.node, rpc=self.swarm.rpc, run_id=run_id(m), manifest=m
+            self._model,
+            inner,
+            scheduler,
+            node=self.swarm.node,
+            rpc=self.swarm.rpc,
+            run_id=run_id(m),
+            config=CollaborativeConfig.from_spec(m.averaging),
         )
         async with opt:
             await opt.load_state_from_peers()
@@ -247,9 +253,9 @@ class Trainer:
             samples_per_s=rate,
             loss=loss if not math.isnan(loss) else train,
             train_loss=train,
-            peers=int(getattr(stats, "peers", 1)),
-            rounds=int(getattr(stats, "rounds", 0)),
-            averaging_s=float(getattr(stats, "averaging_seconds", 0.0)),
+            peers=max(1, int(stats.peers)),
+            rounds=int(stats.rounds_complete + stats.rounds_partial),
+            averaging_s=float(stats.averaging_seconds),
         )
         report.throughput = rate
         report.peers = progress.peers
