@@ -208,3 +208,28 @@ async def test_a_dial_whose_task_is_cancelled_fails_its_callers_with_transport_c
             await caller
         with pytest.raises(asyncio.CancelledError):
             await tasks[0]
+
+
+async def test_a_dial_that_cannot_be_spawned_leaves_nothing_behind() -> None:
+    peer = Identity.generate().peer_id
+    coalescer: DialCoalescer[Connection] = DialCoalescer()
+
+    async def dial() -> Connection:
+        raise DialError("refused")
+
+    def closed_group(coro: object) -> None:
+        raise RuntimeError("TaskGroup is shutting down")
+
+    with pytest.raises(RuntimeError, match="shutting down"):
+        await coalescer.join(peer, dial, closed_group)
+    tasks: list[asyncio.Task[None]] = []
+
+    def spawn(coro: object) -> None:
+        assert asyncio.iscoroutine(coro)
+        tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    async with asyncio.timeout(5):
+        with pytest.raises(DialError, match="refused"):
+            await coalescer.join(peer, dial, spawn)
+        await asyncio.gather(*tasks)
+    assert len(tasks) == 1

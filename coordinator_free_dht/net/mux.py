@@ -325,7 +325,15 @@ class DialCoalescer(Generic[C]):
             # Mark the outcome retrieved even when every caller was cancelled meanwhile.
             pending.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._pending[peer] = pending
-            spawn(self._run(peer, dial, pending))
+            runner = self._run(peer, dial, pending)
+            try:
+                spawn(runner)
+            except BaseException:
+                # Nobody will run it (e.g. the task group is closing): leave no dial behind that never ends.
+                runner.close()
+                del self._pending[peer]
+                pending.cancel()
+                raise
         return await asyncio.shield(pending)
 
     async def _run(self, peer: PeerID, dial: Callable[[], Awaitable[C]], result: asyncio.Future[C]) -> None:
