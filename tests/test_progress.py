@@ -1,0 +1,117 @@
+"""Progress tracking: the pure aggregation, record checks, and signed records through real DHT nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+
+import pytest
+
+from coordinator_free_dht.clock import LoopClock
+from coordinator_free_dht.identity import Identity
+from coordinator_free_dht.net.memory import MemoryNetwork, MemoryTransport
+from coordinator_free_dht.net.rpc import RPC
+from coordinator_free_dht.node import DHTNode
+from coordinator_free_dht.testing.clock import virtual_time
+from coordinator_free_dht.validation import owner_marker
+from volunteer.errors import OptimError
+from volunteer.optim.progress import LocalProgress, ProgressConfig, ProgressTracker, aggregate, owner_marker_of
+
+CONFIG = ProgressConfig(min_refresh=1.0, max_refresh=20.0, refresh_fraction=0.5, stale_after=30.0)
+A, B, C = (Identity.from_seed(bytes([i]) * 32).peer_id for i in range(3))
+
+
+def test_aggregate_counts_the_newest_epoch_and_ignores_stale_records() -> None:
+    now = 1000.0
+    records = [
+        LocalProgress(A, 3, 100, 10.0, now - 1),
+        LocalProgress(B, 3, 50, 30.0, now - 2),
+        LocalProgress(C, 2, 999, 20.0, now - 3),  # still in the last epoch: counts for speed, not samples
+    ]
+    view = aggregate(records, 400, now, CONFIG)
+    assert (view.epoch, view.samples, view.num_peers, view.num_peers_in_epoch) == (3, 150, 3, 2)
+    assert view.samples_per_second == 60.0
+    assert view.eta == pytest.approx(250 / 60)
+    assert not view.ready
+    stale = [*records, LocalProgress(Identity.from_seed(b"x" * 32).peer_id, 9, 1, 1.0, now - 31)]
+    assert aggregate(stale, 400, now, CONFIG).epoch == 3
+    future = [LocalProgress(A, 7, 1, 1.0, now + 1000)]  # a clock far ahead is not believed
+    assert aggregate(future, 400, now, CONFIG).num_peers == 0
+    done = aggregate([LocalProgress(A, 0, 500, 0.0, now)], 400, now, CONFIG)
+    assert done.ready
+    assert done.eta == 0.0
+    idle = aggregate([LocalProgress(A, 0, 5, 0.0, now)], 400, now, CONFIG)
+    assert math.isinf(idle.eta)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        {},
+        {"peer": b"short", "epoch": 0, "samples": 0, "sps": 0.0, "time": 0.0},
+        {"peer": A.digest, "epoch": -1, "samples": 0, "sps": 0.0, "time": 0.0},
+        {"peer": A.digest, "epoch": True, "samples": 0, "sps": 0.0, "time": 0.0},
+        {"peer": A.digest, "epoch": 0, "samples": 0, "sps": float("nan"), "time": 0.0},
+        {"peer": A.digest, "epoch": 0, "samples": 0, "sps": 1e20, "time": 0.0},
+        {"peer": A.digest, "epoch": 0, "samples": 0, "sps": 1, "time": 0.0},
+    ],
+)
+def test_malformed_records_are_refused(bad: object) -> None:
+    with pytest.raises(OptimError):
+        LocalProgress.from_wire(bad)
+
+
+def test_record_round_trip_and_owner_binding() -> None:
+    record = LocalProgress(A, 2, 64, 12.5, 123.0)
+    assert LocalProgress.from_wire(record.to_wire()) == record
+    identity = Identity.from_seed(bytes([0]) * 32)
+    marker = owner_marker(identity.public_key)
+    assert owner_marker_of(A, marker) == marker
+    assert owner_marker_of(B, marker) is None
+    assert owner_marker_of(A, "plain") is None
+
+
+@virtual_time
+async def test_trackers_share_progress_through_signed_dht_records() -> None:
+    network = MemoryNetwork(random.Random(0))
+    clock = LoopClock(asyncio.get_running_loop(), epoch=1_700_000_000.0)
+    rpcs: list[RPC] = []
+    nodes: list[DHTNode] = []
+    try:
+        for i in range(3):
+            identity = Identity.from_seed(bytes([i]) * 32)
+            rpc = RPC(identity)
+            rpc.add_transport(MemoryTransport(identity, rpc.handle_stream, network))
+            await rpc.__aenter__()
+            rpcs.append(rpc)
+            await rpc.listen(f"host-{i}", 7000)
+            bootstrap = [nodes[0].peer_addresses[0]] if nodes else []
+            node = DHTNode(identity, rpc, bootstrap=bootstrap, clock=clock, rng=random.Random(i))
+            await node.__aenter__()
+            nodes.append(node)
+        trackers = [ProgressTracker(n, "run-x", 300, CONFIG) for n in nodes]
+        for i, (tracker, node) in enumerate(zip(trackers, nodes, strict=True)):
+            assert await tracker.publish(LocalProgress(node.peer_id, 1, 50 * (i + 1), 10.0, clock.time()))
+        view = await trackers[0].fetch()
+        assert (view.epoch, view.samples, view.num_peers) == (1, 300, 3)
+        assert view.ready
+        # Nobody publishes in someone else's name.
+        with pytest.raises(OptimError):
+            await trackers[0].publish(LocalProgress(nodes[1].peer_id, 1, 0, 0.0, clock.time()))
+        # Far from the target the refresh slows down; near it, it speeds up (within the bounds).
+        far = aggregate([LocalProgress(A, 0, 0, 1.0, clock.time())], 300, clock.time(), CONFIG)
+        near = aggregate([LocalProgress(A, 0, 299, 1.0, clock.time())], 300, clock.time(), CONFIG)
+        assert trackers[0].refresh_interval(far) == CONFIG.max_refresh
+        assert trackers[0].refresh_interval(near) == CONFIG.min_refresh
+        # A peer that stops publishing drops out once its record is stale.
+        await asyncio.sleep(CONFIG.stale_after + 1)
+        await trackers[0].publish(LocalProgress(nodes[0].peer_id, 1, 50, 10.0, clock.time()))
+        view = await trackers[0].fetch()
+        assert (view.num_peers, view.samples) == (1, 50)
+    finally:
+        for node in reversed(nodes):
+            await node.__aexit__(None, None, None)
+        for rpc in reversed(rpcs):
+            await rpc.__aexit__(None, None, None)
