@@ -14,6 +14,7 @@ from torch import nn
 from coordinator_free_dht.clock import LoopClock
 from coordinator_free_dht.identity import Identity
 from coordinator_free_dht.net.memory import LinkProfile, MemoryNetwork, MemoryTransport
+from coordinator_free_dht.net.quic import QuicTransport
 from coordinator_free_dht.net.rpc import RPC
 from coordinator_free_dht.node import DHTNode
 from coordinator_free_dht.testing.clock import virtual_time
@@ -50,6 +51,7 @@ async def swarm(
     config: CollaborativeConfig,
     seed: int = 0,
     make_opt: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    quic: bool = False,
 ) -> AsyncIterator[tuple[MemoryNetwork, list[Peer], Callable[[], contextlib.AbstractAsyncContextManager[Peer]]]]:
     rng = random.Random(seed)
     network = MemoryNetwork(random.Random(seed), default_link=LinkProfile(latency=0.002))
@@ -63,11 +65,16 @@ async def swarm(
         identity = Identity.from_seed(rng.randbytes(32))
         async with contextlib.AsyncExitStack() as stack:
             rpc = RPC(identity)
-            rpc.add_transport(MemoryTransport(identity, rpc.handle_stream, network))
+            if quic:
+                rpc.add_transport(QuicTransport(identity, rpc.handle_stream))
+            else:
+                rpc.add_transport(MemoryTransport(identity, rpc.handle_stream, network))
             await stack.enter_async_context(rpc)
-            await rpc.listen(f"host-{index}", 7000)
+            await (rpc.listen("127.0.0.1", 0) if quic else rpc.listen(f"host-{index}", 7000))
             bootstrap = [peers[0].node.peer_addresses[0]] if peers else []
-            node = DHTNode(identity, rpc, bootstrap=bootstrap, clock=clock, rng=random.Random(rng.random()))
+            node = DHTNode(
+                identity, rpc, bootstrap=bootstrap, clock=None if quic else clock, rng=random.Random(rng.random())
+            )
             await stack.enter_async_context(node)
             model = make_model(seed)
             opt = CollaborativeOptimizer(
@@ -199,6 +206,57 @@ async def test_killed_peer_does_not_stop_the_others() -> None:
         survivors = [p.opt.stats for p in peers[:3]]
     assert all(s.epoch >= reached + 3 for s in survivors)
     assert all(s.rounds_complete >= 3 for s in survivors)
+    for epoch in range(reached + 1, reached + 4):
+        values = [v for i, v in record[epoch].items() if i < 3]
+        assert len(values) == 3
+        for v in values[1:]:
+            torch.testing.assert_close(v, values[0], rtol=0, atol=0)
+
+
+async def test_four_peers_over_real_quic_stay_identical() -> None:
+    """The same training over real QUIC on 127.0.0.1 (real time, port 0)."""
+    record: dict[int, dict[int, torch.Tensor]] = {}
+    async with swarm(4, config(target=192), quic=True) as (_, peers, _add):
+        async with asyncio.timeout(100):
+            await asyncio.gather(*(train(p, i, 3, 16, record, step_time=0.05) for i, p in enumerate(peers)))
+        stats = [p.opt.stats for p in peers]
+    for epoch in range(1, 4):
+        values = list(record[epoch].values())
+        assert len(values) == 4
+        for v in values[1:]:
+            torch.testing.assert_close(v, values[0], rtol=0, atol=0)
+    assert all(s.rounds_complete == 3 for s in stats)
+
+
+def test_mixed_precision_scaler_skips_overflowing_batches() -> None:
+    """GradScaler (on the CPU here; the same calls run on CUDA): scaled gradients are unscaled before they
+    are accumulated, and a batch whose gradients overflow is skipped and lowers the scale."""
+
+    async def run() -> None:
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        async with swarm(1, config(target=64)) as (_, peers, _add):
+            peer = peers[0]
+            opt = peer.opt
+            opt.scaler = scaler
+            reference = make_model(0)
+            x, y = teacher_batch(torch.Generator().manual_seed(5), 16)
+            scaler.scale(nn.MSELoss()(peer.model(x), y)).backward()
+            nn.MSELoss()(reference(x), y).backward()
+            assert not await opt.step(16)
+            acc = opt._accumulators[0]
+            ref_grad = next(reference.parameters()).grad
+            assert ref_grad is not None
+            torch.testing.assert_close(acc, ref_grad * 16)
+            for p in peer.model.parameters():
+                p.grad = torch.full_like(p, float("inf"))
+            assert not await opt.step(16)
+            assert opt.stats.skipped_batches == 1
+            assert scaler.get_scale() < 1024.0
+            torch.testing.assert_close(acc, ref_grad * 16)
+
+    from coordinator_free_dht.testing.clock import run_virtual
+
+    run_virtual(run())
 
 
 @virtual_time
