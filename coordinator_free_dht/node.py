@@ -262,7 +262,7 @@ class DHTNode:
             if address is not None:
                 # Registered inside the task group and unregistered before it closes (exit runs in reverse),
                 # so a request never finds the node without its task group.
-                rpc.register_unary(METHOD, self._serve)
+                rpc.register_unary_inline(METHOD, self._serve)
                 self._registered = True
                 stack.callback(self._unregister)
             async with asyncio.timeout(self.config.operation_timeout):
@@ -332,7 +332,8 @@ class DHTNode:
 
     # --- serving ------------------------------------------------------------------------------------
 
-    async def _serve(self, ctx: CallContext, request: Any) -> Any:
+    def _serve(self, ctx: CallContext, request: Any) -> Any:
+        # Plain function, never awaits: the RPC answers it in the stream's own task (register_unary_inline).
         protocol = self.protocol
         reply = protocol.handle_request(ctx.peer.to_int(), request, self.clock.time())
         self.stats.requests_served += 1

@@ -205,6 +205,9 @@ class CallContext:
 
 
 UnaryHandler = Callable[[CallContext, Any], Awaitable[Any]]
+"""``async handler(ctx, request) -> response`` for :meth:`RPC.register_unary`."""
+InlineUnaryHandler = Callable[[CallContext, Any], Any]
+"""``handler(ctx, request) -> response``, a plain function, for :meth:`RPC.register_unary_inline`."""
 """``async fn(ctx, request) -> response``; request and response are plain msgpack data."""
 StreamHandlerFn = Callable[["ServerCall"], Awaitable[None]]
 """``async fn(call)``: receive with ``call.recv()``, reply with ``call.send()`` / ``call.send_bytes()``."""
@@ -603,6 +606,7 @@ class RPC:
         self.config = config or RPCConfig()
         self._transports: dict[TransportKind, Transport] = {}
         self._handlers: dict[str, StreamHandlerFn] = {}
+        self._inline: dict[str, InlineUnaryHandler] = {}
         self._active: collections.Counter[PeerID] = collections.Counter()
         self._bulk_failed_until: dict[PeerID, float] = {}
         self._stack: AsyncExitStack | None = None
@@ -667,9 +671,25 @@ class RPC:
 
         self.register_stream(method, adapter)
 
+    def register_unary_inline(self, method: str, handler: InlineUnaryHandler) -> None:
+        """Serve ``method`` with a plain function ``handler(ctx, request) -> response`` that never blocks.
+
+        The caller sees exactly what :meth:`register_unary` gives it. The difference is the cost: a request
+        that arrives whole in the stream's first read (the usual case: a unary request leaves in one write)
+        is answered right in the stream's own task, with no per-call task group, reader or handler task.
+        For quick CPU-only handlers such as a DHT node's (a call costs ~1 ms of CPU; this saves a good part).
+        """
+
+        async def adapter(ctx: CallContext, request: Any) -> Any:
+            return handler(ctx, request)
+
+        self.register_unary(method, adapter)
+        self._inline[method] = handler
+
     def unregister(self, method: str) -> None:
         """Stop serving ``method`` (calls in progress finish)."""
         self._handlers.pop(method, None)
+        self._inline.pop(method, None)
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -929,7 +949,35 @@ class RPC:
         timeout = config.max_timeout if header.timeout is None else min(header.timeout, config.max_timeout)
         kind = stream.connection.remote_address.kind
         context = CallContext(peer, header.method, loop.time() + timeout, header.metadata, kind)
+        inline = self._inline.get(header.method)
+        if (
+            inline is not None
+            and len(rest) == 2
+            and rest[0].kind is FrameKind.MESSAGE
+            and rest[1].kind is FrameKind.END
+        ):
+            await self._serve_inline(chan, context, inline, rest[0])
+            return
         await self._run_call(chan, ServerCall(chan, context), handler, rest)
+
+    async def _serve_inline(
+        self, chan: _Channel, context: CallContext, handler: InlineUnaryHandler, request: Frame
+    ) -> None:
+        """A whole unary request already read: answer it here (see :meth:`register_unary_inline`)."""
+        version = chan.version
+        try:
+            response = handler(context, unpack(request.payload, chan.limits))
+            final = encode_frame(FrameKind.MESSAGE, _message_payload(response, chan.config), version)
+            final += encode_frame(FrameKind.END, b"", version)
+        except ProtocolError as exc:
+            logger.info("bad frames from %r: %s", context.peer, exc)
+            final = _protocol_error_frame(exc, version)
+        except ResourceExhaustedError as exc:
+            final = ErrorInfo(ErrorCode.EXHAUSTED, type(exc).__name__, str(exc)).encode(version)
+        except Exception as exc:
+            logger.info("handler %s for %r raised %s: %s", context.method, context.peer, type(exc).__name__, exc)
+            final = _remote_error_frame(exc, context.method, version)
+        await chan.finish_and_close(final, self.config.close_grace)
 
     async def _refuse(self, chan: _Channel, code: ErrorCode, error: Exception) -> None:
         info = ErrorInfo(code, type(error).__name__, str(error))
