@@ -14,7 +14,10 @@ Two modes (:class:`Mode`):
   with Nesterov momentum, ``outer_lr``/``outer_momentum``); the result is the next anchor.
 
 Matchmaking for the round of epoch ``e`` (group key ``<mode>.<e>``) starts pre-emptively as soon as the
-progress ETA is shorter than the matchmaking window, so forming the group overlaps the last local steps.
+progress ETA is shorter than the matchmaking window, so forming the group overlaps the last local steps; if
+the target is reached before the group is formed, :meth:`~CollaborativeOptimizer.step` keeps returning
+(the extra batches count towards this epoch) until it is, so only the all-reduce itself blocks training
+(``overlap_matchmaking``).
 A peer alone in the swarm steps alone (nothing to average). A round that cannot be formed or fails falls
 back to the local update: the peer steps with its own gradient (or its own outer gradient), the failure is
 LOGGED as a warning and counted in :attr:`CollaborativeOptimizer.stats` (``rounds_failed``), never reported
@@ -123,6 +126,9 @@ class CollaborativeConfig:
     """State download settings."""
     state_ttl: float = 60.0
     """Seconds a state advertisement stays in the DHT (republished at half that)."""
+    overlap_matchmaking: bool = True
+    """When the swarm reaches the target before our group is formed, keep training (those batches count
+    towards this epoch) instead of waiting for the matchmaking window to end."""
     offload: bool = False
     """Keep gradient accumulators and the DiLoCo anchor on the CPU (GPU peers short of memory)."""
     offload_elements: int = 1 << 16
@@ -334,12 +340,22 @@ class CollaborativeOptimizer:
         if batch_size > 0 and not self._take_batch(batch_size):
             return False
         self._update_rate(batch_size)
+        pending = self._matchmaking if self._matchmaking_epoch == self.epoch else None
+        if pending is not None and self._view is not None and self._view.ready:
+            if pending.done() or not self.config.overlap_matchmaking:
+                await self._global_step(self._view)
+                return True
+            return False  # the group is still forming: this batch counts towards the epoch too
         view = await self._maybe_refresh()
         if view.epoch > self.epoch:
             return await self._catch_up(view)
         if view.ready:
-            await self._global_step(view)
-            return True
+            self._start_matchmaking()
+            pending = self._matchmaking if self._matchmaking_epoch == self.epoch else None
+            if pending is None or pending.done() or not self.config.overlap_matchmaking:
+                await self._global_step(view)
+                return True
+            return False
         if view.eta <= self.config.matchmaking_time + self.tracker.refresh_interval(view):
             self._start_matchmaking()
         return False
