@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import nn
 
@@ -272,3 +275,21 @@ async def test_local_mode_peers_identical_after_each_outer_step() -> None:
         for v in values[1:]:
             torch.testing.assert_close(v, values[0], rtol=0, atol=0)
     assert all(s.rounds_complete == 4 for s in stats)
+
+
+@virtual_time
+async def test_failed_round_falls_back_to_the_local_update_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Groups need 3 peers but only 2 train: every round fails, each peer steps with its own gradient, the
+    failure is logged and counted, and training goes on."""
+    record: dict[int, dict[int, torch.Tensor]] = {}
+    strict = dataclasses.replace(config(target=64), min_group_size=3, max_group_size=4)
+    with caplog.at_level(logging.WARNING, logger="volunteer.optim.optimizer"):
+        async with swarm(2, strict) as (_, peers, _add):
+            async with asyncio.timeout(300):
+                await asyncio.gather(*(train(p, i, 3, 16, record) for i, p in enumerate(peers)))
+            stats = [p.opt.stats for p in peers]
+    assert all(s.rounds_failed == 3 and s.rounds_complete == 0 for s in stats)
+    assert "applied the local update instead" in caplog.text
+    # Each stepped with its own data: the peers now differ, and neither is the untrained model.
+    assert not torch.equal(record[3][0], record[3][1])
+    assert not torch.equal(record[3][0], flat(make_model(0)))
