@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -38,9 +39,19 @@ from volunteer.errors import ClientError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DemoError", "demo_manifest_toml", "run_demo"]
+__all__ = [
+    "DemoError",
+    "PeerLog",
+    "SwarmRun",
+    "demo_run",
+    "run_demo",
+    "run_local_swarm",
+    "run_manifest_toml",
+    "summarize",
+    "sync_check",
+]
 
-CLI = [sys.executable, "-c", "from volunteer.cli import main; main()"]
+CLI = [sys.executable, "-m", "volunteer"]
 """How a child process runs the ``volunteer`` command (works without the console script installed)."""
 
 START_TIMEOUT = 90.0
@@ -53,26 +64,68 @@ class DemoError(ClientError):
     """The demo could not run (a process failed to start or died)."""
 
 
-def demo_manifest_toml(owner_identity_file: Path, *, short: bool) -> tuple[str, str]:
-    """The demo run's manifest (TOML) owned by the key in ``owner_identity_file``, and its reference."""
+@dataclass(frozen=True, slots=True)
+class SwarmRun:
+    """What a local swarm trains: the demo's defaults; the benchmark changes the mode, model and batch."""
+
+    mode: str = "grad"
+    """``grad`` or ``local`` (the manifest's ``averaging.mode``)."""
+    target_batch_size: int = 512
+    """Samples per epoch over the whole swarm."""
+    batch_size: int = 32
+    """Samples per local step."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """Config of the ``mlp`` template (empty: its defaults)."""
+    matchmaking_time: float = 1.0
+    """Seconds to gather an averaging group."""
+    name: str = "demo"
+    """The run's name."""
+
+
+def run_manifest_toml(owner_identity_file: Path, run: SwarmRun) -> tuple[str, str]:
+    """The manifest (TOML) of ``run`` owned by the key in ``owner_identity_file``, and the run's reference."""
     from coordinator_free_dht.identity import Identity
-    from volunteer.run.manifest import AveragingSpec, default_manifest, manifest_to_toml
+    from volunteer.run.manifest import AveragingSpec, ModelSpec, default_manifest, manifest_to_toml
 
     identity, _ = Identity.load_or_create(owner_identity_file)
-    manifest = default_manifest("demo", "mlp", identity.public_key, seed=7)
+    manifest = default_manifest(run.name, "mlp", identity.public_key, seed=7)
     averaging = AveragingSpec(
-        mode="grad", target_batch_size=256 if short else 512, batch_size=32, matchmaking_time=1.0, min_group_size=2
+        mode=run.mode,
+        target_batch_size=run.target_batch_size,
+        batch_size=run.batch_size,
+        matchmaking_time=run.matchmaking_time,
+        min_group_size=2,
     )
-    manifest = replace(manifest, averaging=averaging, description="The built-in demo run of `volunteer demo`.")
+    manifest = replace(
+        manifest,
+        model=ModelSpec("mlp", dict(run.model)),
+        averaging=averaging,
+        description="The built-in demo run of `volunteer demo`.",
+    )
     return manifest_to_toml(manifest), manifest.reference
+
+
+def demo_run(*, short: bool) -> SwarmRun:
+    """The run ``volunteer demo`` trains (``short``: the test suite's quicker variant)."""
+    return SwarmRun(target_batch_size=256 if short else 512)
+
+
+@dataclass(slots=True)
+class PeerLog:
+    """What one volunteer process reported: its progress and epoch lines, each with the parent's arrival time."""
+
+    name: str
+    progress: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    """``time.monotonic()`` in this process when each progress line arrived."""
+    errors: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class _Peer:
-    name: str
+    log: PeerLog
     proc: asyncio.subprocess.Process
-    progress: list[dict[str, Any]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -96,15 +149,20 @@ async def _read_host_address(proc: asyncio.subprocess.Process) -> str:
 
 async def _pump(peer: _Peer) -> None:
     assert peer.proc.stdout is not None
+    out = peer.log
     while line := await peer.proc.stdout.readline():
         with contextlib.suppress(ValueError):
             data = json.loads(line)
             if not isinstance(data, dict):
                 continue
-            if data.get("type") == "progress":
-                peer.progress.append(data)
-            elif data.get("type") == "log" and data.get("level") in ("ERROR", "CRITICAL"):
-                peer.errors.append(str(data.get("message")))
+            kind = data.get("type")
+            if kind == "progress":
+                out.progress.append(data)
+                out.arrivals.append(time.monotonic())
+            elif kind == "epoch":
+                out.epochs.append(data)
+            elif kind == "log" and data.get("level") in ("ERROR", "CRITICAL"):
+                out.errors.append(str(data.get("message")))
 
 
 async def _drain(stream: asyncio.StreamReader | None) -> None:
@@ -128,44 +186,95 @@ async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
             await proc.wait()
 
 
-def _table(peers: list[_Peer], elapsed: float, seconds: float) -> Table:
-    table = Table(title=f"volunteer demo: {elapsed:.0f} s of {seconds:.0f} s")
-    for column in ("volunteer", "epoch", "loss", "samples/s", "peers", "rounds"):
+def _table(peers: list[PeerLog], seconds: float) -> Table:
+    # The time shown is training time (the volunteers' own clock), not the seconds spent starting processes.
+    trained = max((p.progress[-1]["time"] for p in peers if p.progress), default=None)
+    title = "volunteer demo: starting" if trained is None else f"volunteer demo: {trained:.0f} s of {seconds:.0f} s"
+    table = Table(title=title)
+    for column in ("volunteer", "epoch", "loss", "samples/s", "peers", "rounds", "parameters"):
         table.add_column(column, justify="right" if column != "volunteer" else "left")
     for peer in peers:
         last = peer.progress[-1] if peer.progress else None
         if last is None:
-            table.add_row(peer.name, "-", "-", "-", "-", "-")
-        else:
-            table.add_row(
-                peer.name,
-                str(last["epoch"]),
-                f"{last['loss']:.4f}",
-                f"{last['samples_per_s']:.0f}",
-                str(last["peers"]),
-                str(last["rounds"]),
-            )
+            table.add_row(peer.name, "-", "-", "-", "-", "-", "-")
+            continue
+        digest = next((e["param_hash"][:8] for e in reversed(peer.epochs) if e["epoch"] == last["epoch"]), "-")
+        table.add_row(
+            peer.name,
+            str(last["epoch"]),
+            f"{last['loss']:.4f}",
+            f"{last['samples_per_s']:.0f}",
+            str(last["peers"]),
+            str(last["rounds"]),
+            digest,
+        )
     return table
 
 
-def summarize(progress: list[list[dict[str, Any]]], *, mode: str, seconds: float) -> dict[str, Any]:
-    """The summary of a run from each peer's progress reports (the keys of ``scripts/bench_training.py``)."""
-    finals = [p[-1] for p in progress if p]
-    firsts = [p[0] for p in progress if p]
-    if not finals:
+def _samples_at(peer: PeerLog, t: float) -> float:
+    """This peer's cumulative samples at parent time ``t`` (linear between its progress lines)."""
+    points = list(zip(peer.arrivals, (p["samples"] for p in peer.progress), strict=True))
+    if t <= points[0][0]:
+        return float(points[0][1])
+    for (t0, s0), (t1, s1) in itertools.pairwise(points):
+        if t <= t1:
+            return float(s0 + (s1 - s0) * (t - t0) / max(t1 - t0, 1e-9))
+    return float(points[-1][1])
+
+
+def sync_check(peers: list[PeerLog]) -> dict[str, Any]:
+    """Compare the peers' parameter hashes epoch by epoch.
+
+    ``in_sync``: every epoch that several peers reached has one hash, and the last epoch every peer reached
+    was reported by all of them with the same hash. ``sync_epochs`` counts the epochs compared;
+    ``sync_mismatches`` the epochs where peers disagreed.
+    """
+    by_epoch: dict[int, dict[str, str]] = {}
+    for peer in peers:
+        for e in peer.epochs:
+            by_epoch.setdefault(int(e["epoch"]), {})[peer.name] = str(e["param_hash"])
+    shared = {epoch: hashes for epoch, hashes in by_epoch.items() if len(hashes) > 1}
+    mismatches = sorted(epoch for epoch, hashes in shared.items() if len(set(hashes.values())) > 1)
+    reached = [max((int(e["epoch"]) for e in p.epochs), default=-1) for p in peers]
+    last_common = min(reached, default=-1)
+    final = by_epoch.get(last_common, {})
+    final_ok = len(final) == len(peers) and len(set(final.values())) == 1
+    return {
+        "in_sync": bool(final_ok and not mismatches),
+        "sync_epochs": len(shared),
+        "sync_mismatches": len(mismatches),
+        "last_common_epoch": last_common,
+    }
+
+
+def summarize(peers: list[PeerLog], *, mode: str) -> dict[str, Any]:
+    """The summary of a run from each peer's reports (the keys of ``scripts/bench_training.py``).
+
+    Throughput counts only the window in which every volunteer was training (from the latest first report to
+    the earliest last one), so processes that start or stop at different times do not inflate it.
+    """
+    active = [p for p in peers if p.progress]
+    if not active:
         raise DemoError("no volunteer reported any progress")
-    total_samples = sum(f["samples"] for f in finals)
-    wall = max(f["time"] for f in finals) or seconds
-    loss_start = max(f["loss"] for f in firsts)
+    finals = [p.progress[-1] for p in active]
+    t0 = max(p.arrivals[0] for p in active)
+    t1 = min(p.arrivals[-1] for p in active)
+    if t1 - t0 >= 1.0:
+        window = t1 - t0
+        total = sum(_samples_at(p, t1) - _samples_at(p, t0) for p in active) / window
+    else:
+        window = max(max(f["time"] for f in finals), 1e-9)
+        total = sum(f["samples"] / max(f["time"], 1e-9) for f in finals)
+    loss_start = max(p.progress[0]["loss"] for p in active)
     loss_end = sum(f["loss"] for f in finals) / len(finals)
     averaging = sum(f["averaging_s"] for f in finals) / max(sum(f["time"] for f in finals), 1e-9)
     epochs = [int(f["epoch"]) for f in finals]
     return {
-        "peers": len(progress),
+        "peers": len(peers),
         "mode": mode,
-        "seconds": round(wall, 2),
-        "samples_per_s_total": round(total_samples / max(wall, 1e-9), 1),
-        "samples_per_s_per_peer": round(total_samples / max(wall, 1e-9) / len(finals), 1),
+        "seconds": round(window, 2),
+        "samples_per_s_total": round(total, 1),
+        "samples_per_s_per_peer": round(total / len(active), 1),
         "averaging_share": round(averaging, 4),
         "epochs": max(epochs),
         "epochs_min": min(epochs),
@@ -174,15 +283,23 @@ def summarize(progress: list[list[dict[str, Any]]], *, mode: str, seconds: float
         "loss_end": round(loss_end, 4),
         "loss_fell": bool(math.isfinite(loss_end) and loss_end < loss_start),
         "reported_peers": max(int(f["peers"]) for f in finals),
+        **sync_check(active),
     }
 
 
-async def _demo(root: Path, seconds: float, volunteers: int, short: bool, console: Console) -> dict[str, Any]:
+async def run_local_swarm(
+    root: Path, run: SwarmRun, *, seconds: float, volunteers: int, console: Console | None
+) -> list[PeerLog]:
+    """Start a host and ``volunteers`` trainers of ``run`` as processes under ``root``, let them train for
+    ``seconds`` (a live table on ``console``, if given), stop everything, and return what each reported.
+
+    Raises :class:`DemoError` if a process fails. Every process is stopped, also on failure or cancellation.
+    """
     from volunteer.paths import Paths
 
     host_home = root / "host"
-    toml_text, reference = demo_manifest_toml(Paths.under(host_home).identity_file, short=short)
-    manifest_file = root / "demo.toml"
+    toml_text, reference = run_manifest_toml(Paths.under(host_home).identity_file, run)
+    manifest_file = root / f"{run.name}.toml"
     manifest_file.write_text(toml_text, encoding="utf-8")
     procs: list[asyncio.subprocess.Process] = []
     peers: list[_Peer] = []
@@ -201,7 +318,8 @@ async def _demo(root: Path, seconds: float, volunteers: int, short: bool, consol
             procs.append(host)
             address = await _read_host_address(host)
             tg.create_task(_drain(host.stdout))
-            console.print(f"host up: run [bold]{reference}[/bold] at {address}")
+            if console is not None:
+                console.print(f"host up: run [bold]{reference}[/bold] at {address}")
             for i in range(volunteers):
                 proc = await asyncio.create_subprocess_exec(
                     *CLI,
@@ -220,26 +338,31 @@ async def _demo(root: Path, seconds: float, volunteers: int, short: bool, consol
                     stderr=asyncio.subprocess.DEVNULL,
                 )
                 procs.append(proc)
-                peer = _Peer(f"volunteer {i + 1}", proc)
+                peer = _Peer(PeerLog(f"volunteer {i + 1}"), proc)
                 peers.append(peer)
                 tg.create_task(_pump(peer))
-            started = time.monotonic()
-            with Live(_table(peers, 0.0, seconds), console=console, refresh_per_second=2, transient=False) as live:
+            logs = [p.log for p in peers]
+            live = Live(_table(logs, seconds), console=console, refresh_per_second=2) if console is not None else None
+            with live or contextlib.nullcontext():
                 async with asyncio.timeout(seconds + START_TIMEOUT + 60):
                     while any(p.proc.returncode is None for p in peers):
-                        live.update(_table(peers, time.monotonic() - started, seconds))
+                        if live is not None:
+                            live.update(_table(logs, seconds))
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(0.5):
                                 await asyncio.gather(*(p.proc.wait() for p in peers))
-                    live.update(_table(peers, time.monotonic() - started, seconds))
+                if live is not None:
+                    live.update(_table(logs, seconds))
+            if console is not None and not console.is_terminal:
+                console.line()
             failed = [p for p in peers if p.proc.returncode != 0]
             await _stop([host])
         if failed:
-            detail = "; ".join(f"{p.name}: exit {p.proc.returncode} {' '.join(p.errors[-1:])}" for p in failed)
+            detail = "; ".join(f"{p.log.name}: exit {p.proc.returncode} {' '.join(p.log.errors[-1:])}" for p in failed)
             raise DemoError(f"volunteers failed: {detail}")
     finally:
         await asyncio.shield(_stop(procs))
-    return summarize([p.progress for p in peers], mode="grad", seconds=seconds)
+    return [p.log for p in peers]
 
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:
@@ -253,6 +376,11 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         f"{summary['epochs']} epochs, {summary['rounds']} averaging rounds, "
         f"averaging {100 * summary['averaging_share']:.1f}% of the time"
     )
+    in_sync = "identical" if summary["in_sync"] else "NOT identical"
+    console.print(
+        f"parameters {in_sync} on every volunteer after each of the {summary['sync_epochs']} shared epochs"
+        f" (last common epoch {summary['last_common_epoch']})"
+    )
 
 
 def run_demo(
@@ -260,7 +388,9 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo (see the module docstring); returns the summary. Always stops every process it started."""
     console = console or Console()
+    run = demo_run(short=short)
     with tempfile.TemporaryDirectory(prefix="volunteer-demo-") as tmp:
-        summary = asyncio.run(_demo(Path(tmp), seconds, volunteers, short, console))
+        logs = asyncio.run(run_local_swarm(Path(tmp), run, seconds=seconds, volunteers=volunteers, console=console))
+    summary = summarize(logs, mode=run.mode)
     print_summary(summary, console)
     return summary

@@ -224,19 +224,30 @@ async def _join_main(
     from coordinator_free_dht.identity import Identity
     from coordinator_free_dht.net.rpc import Bandwidth
     from volunteer.client.headless import run_headless
-    from volunteer.client.hostview import HostViewBuilder, machine_summary
-    from volunteer.client.runtime import ClientRuntime
+    from volunteer.client.runtime import create_runtime
     from volunteer.client.swarm import Swarm, SwarmConfig
-    from volunteer.client.trainer import Trainer
-    from volunteer.host.detect import detect_profile
-    from volunteer.host.monitor import HostMonitor, lower_process_priority
+    from volunteer.client.trainer import EpochReport, Trainer
+    from volunteer.host.monitor import HostMonitor
 
-    identity, _ = Identity.load_or_create(paths.identity_file)
-    profile = await asyncio.to_thread(
-        detect_profile, disk_path=paths.data_dir, cache_dir=paths.cache_dir, benchmark=not quick
+    holder: list[Trainer] = []
+
+    class _Role:
+        """The trainer (built once the run is found), stopping the client when it ends by itself (``--seconds``)."""
+
+        name = "trainer"
+
+        async def run(self, gate: Any, report: Any) -> None:
+            await holder[0].run(gate, report)
+            runtime.request_stop()
+
+    runtime = await create_runtime(
+        paths, prefs=prefs, lock=lock, log_buffer=buffer, roles=[_Role()], benchmark=not quick
     )
-    monitor = HostMonitor(profile, prefs, None, interval_s=1.0)
-    bandwidth = Bandwidth(upload=monitor.upload, download=monitor.download)
+    monitor = runtime.monitor
+    bandwidth = (
+        Bandwidth(upload=monitor.upload, download=monitor.download) if isinstance(monitor, HostMonitor) else None
+    )
+    identity, _ = Identity.load_or_create(paths.identity_file)
     async with Swarm(identity, bootstrap=bootstrap, config=SwarmConfig(host=listen), bandwidth=bandwidth) as swarm:
         signed = await swarm.find_manifest(ref)
         manifest = signed.manifest
@@ -245,37 +256,16 @@ async def _join_main(
         else:
             log.info("found run %s", manifest.reference)
 
-        def on_progress(progress: Progress) -> None:
+        def on_line(item: Progress | EpochReport) -> None:
             if json_out is not None:
-                json_out.write_line(progress.to_dict())
+                json_out.write_line(item.to_dict())
 
-        trainer = Trainer(swarm, manifest, cache_dir=paths.cache_dir, config=config, on_progress=on_progress)
+        trainer = Trainer(
+            swarm, manifest, cache_dir=paths.cache_dir, config=config, on_progress=on_line, on_epoch=on_line
+        )
+        holder.append(trainer)
         try:
             await trainer.prepare()
-            lower_process_priority()
-            view = HostViewBuilder(profile, prefs, asyncio.get_running_loop().time)
-            holder: list[ClientRuntime] = []
-
-            class _Role:
-                """The trainer, stopping the client when it ends by itself (``--seconds``)."""
-
-                name = trainer.name
-
-                async def run(self, gate: Any, report: Any) -> None:
-                    await trainer.run(gate, report)
-                    holder[0].request_stop()
-
-            runtime = ClientRuntime(
-                paths=paths,
-                peer_id=str(identity.peer_id),
-                monitor=monitor,
-                host_view=lambda: view.build(monitor.readings, monitor.decision),
-                roles=[_Role()],
-                machine=machine_summary(profile),
-                log_buffer=buffer,
-                lock=lock,
-            )
-            holder.append(runtime)
             signals = (signal.SIGTERM,) if dashboard else (signal.SIGTERM, signal.SIGINT)
             remove = _stop_on_signals(runtime.request_stop, signals)
             try:

@@ -161,6 +161,12 @@ class ClientRuntime:
         """The metrics endpoint's port, once :attr:`ready` (if one was asked for)."""
         self._listeners: list[Callable[[], None]] = []
 
+    @property
+    def monitor(self) -> Monitor:
+        """The host monitor (a command that builds a network peer before the runtime runs gives it the
+        monitor's bandwidth limits)."""
+        return self._monitor
+
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (synchronously) whenever the state may have changed: a throttle decision, a
         control command, a stop request. Returns a function that unsubscribes."""
@@ -312,16 +318,19 @@ async def create_runtime(
     roles: Sequence[Role] = (),
     monitor_interval_s: float = 1.0,
     sampler: Sampler | None = None,
+    benchmark: bool = True,
 ) -> ClientRuntime:
     """Build the runtime from the real parts: identity, detected hardware, preferences, host monitor.
 
     Detection runs in a worker thread (it may run a short compute benchmark the first time; the result is
-    cached under ``paths.cache_dir``).
+    cached under ``paths.cache_dir``; ``benchmark=False`` skips it).
     """
     identity, created = Identity.load_or_create(paths.identity_file)
     if created:
         log.info("created a new identity in %s", paths.identity_file)
-    profile = await asyncio.to_thread(detect_profile, disk_path=paths.data_dir, cache_dir=paths.cache_dir)
+    profile = await asyncio.to_thread(
+        detect_profile, disk_path=paths.data_dir, cache_dir=paths.cache_dir, benchmark=benchmark
+    )
     lower_process_priority()  # as BOINC does: the owner's programs always come first
     monitor = HostMonitor(profile, prefs, sampler, interval_s=monitor_interval_s)
     view = HostViewBuilder(profile, prefs, time.monotonic)

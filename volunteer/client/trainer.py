@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Progress", "Trainer", "TrainerConfig"]
+__all__ = ["EpochReport", "Progress", "Trainer", "TrainerConfig", "parameter_hash"]
 
 EVAL_SAMPLES = 512
 """Size of the held-out batch the reported loss is measured on."""
@@ -93,6 +94,36 @@ class Progress:
         return {"type": "progress", **asdict(self)}
 
 
+@dataclass(frozen=True, slots=True)
+class EpochReport:
+    """The parameters this peer holds at the start of an epoch (a JSON line with ``"type": "epoch"``).
+
+    Every peer of a run in sync reports the same ``param_hash`` for the same ``epoch``; the benchmark and the
+    tests compare them.
+    """
+
+    epoch: int
+    """The epoch that just began (after a global step or a state download)."""
+    time: float
+    """Seconds since training started."""
+    param_hash: str
+    """:func:`parameter_hash` of the model's parameters."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data."""
+        return {"type": "epoch", **asdict(self)}
+
+
+def parameter_hash(model: nn.Module) -> str:
+    """A short BLAKE2b digest of a model's parameters (values, shapes and order): equal models, equal hash."""
+    digest = hashlib.blake2b(digest_size=12)
+    with torch.no_grad():
+        for p in model.parameters():
+            digest.update(repr((tuple(p.shape), str(p.dtype))).encode())
+            digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class Trainer:
     """The trainer role (see the module docstring)."""
 
@@ -106,6 +137,7 @@ class Trainer:
         cache_dir: Path,
         config: TrainerConfig | None = None,
         on_progress: Callable[[Progress], None] | None = None,
+        on_epoch: Callable[[EpochReport], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.swarm = swarm
@@ -113,6 +145,7 @@ class Trainer:
         self.config = config or TrainerConfig()
         self._cache_dir = cache_dir
         self._on_progress = on_progress
+        self._on_epoch = on_epoch
         self._clock = clock
         self._model: nn.Module | None = None
         self._stream: DataStream | None = None
@@ -122,6 +155,9 @@ class Trainer:
         self._stack = contextlib.AsyncExitStack()
         self.history: list[Progress] = []
         """Every progress report so far."""
+        self.epochs: list[EpochReport] = []
+        """The parameters' hash at the start of every epoch this peer reached (the first is after the state
+        download)."""
         self.loss_start: float | None = None
         """The held-out loss after the state download, before this peer's first step."""
 
@@ -200,6 +236,8 @@ class Trainer:
         report.add_loss(opt.epoch, loss)
         report.state, report.reason = "training", ""
         started = last = self._clock()
+        await self._epoch_began(opt.epoch, 0.0)
+        self._emit(opt, report, 0.0, 0, 0.0, loss, [])
         samples = window_samples = 0
         train_losses: list[float] = []
         epoch = opt.epoch
@@ -218,6 +256,7 @@ class Trainer:
                 batch = None
             if opt.epoch != epoch:
                 epoch = opt.epoch
+                await self._epoch_began(epoch, self._clock() - started)
                 if has_eval:
                     loss = await asyncio.to_thread(self._evaluate)
                     report.add_loss(epoch, loss)
@@ -229,6 +268,14 @@ class Trainer:
             loss = await asyncio.to_thread(self._evaluate)
         now = self._clock()
         self._emit(opt, report, now - started, samples, samples / max(now - started, 1e-9), loss, train_losses)
+
+    async def _epoch_began(self, epoch: int, elapsed: float) -> None:
+        assert self._model is not None
+        digest = await asyncio.to_thread(parameter_hash, self._model)
+        report = EpochReport(epoch=int(epoch), time=elapsed, param_hash=digest)
+        self.epochs.append(report)
+        if self._on_epoch is not None:
+            self._on_epoch(report)
 
     async def _stream_next(self, batch_size: int) -> Batch:
         assert self._stream is not None
