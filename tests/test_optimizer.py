@@ -55,6 +55,7 @@ async def swarm(
     seed: int = 0,
     make_opt: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
     quic: bool = False,
+    device: str = "cpu",
 ) -> AsyncIterator[tuple[MemoryNetwork, list[Peer], Callable[[], contextlib.AbstractAsyncContextManager[Peer]]]]:
     rng = random.Random(seed)
     network = MemoryNetwork(random.Random(seed), default_link=LinkProfile(latency=0.002))
@@ -79,7 +80,7 @@ async def swarm(
                 identity, rpc, bootstrap=bootstrap, clock=None if quic else clock, rng=random.Random(rng.random())
             )
             await stack.enter_async_context(node)
-            model = make_model(seed)
+            model = make_model(seed).to(device)
             opt = CollaborativeOptimizer(
                 model,
                 make_opt(model),
@@ -293,3 +294,46 @@ async def test_failed_round_falls_back_to_the_local_update_and_is_logged(caplog:
     # Each stepped with its own data: the peers now differ, and neither is the untrained model.
     assert not torch.equal(record[3][0], record[3][1])
     assert not torch.equal(record[3][0], flat(make_model(0)))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("mode", [Mode.GRAD, Mode.LOCAL])
+def test_mixed_precision_with_offload_stays_identical(mode: Mode, device: str) -> None:
+    """Autocast with a GradScaler, accumulators/anchor offloaded to the CPU, Adam: 2 peers still hold
+    identical parameters after every epoch and the loss stays finite. (CUDA: fp16, marked gpu; CPU: bf16.)"""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    amp_dtype = torch.float16 if device == "cuda" else torch.bfloat16
+
+    def adam(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(m.parameters(), lr=0.01)
+
+    async def run() -> None:
+        offloaded = dataclasses.replace(config(mode, target=128), offload=True)
+        record: dict[int, dict[int, torch.Tensor]] = {}
+        async with swarm(2, offloaded, make_opt=adam, device=device) as (_, peers, _add):
+            for peer in peers:
+                peer.opt.scaler = torch.amp.GradScaler(device)
+
+            async def loop(index: int, peer: Peer) -> None:
+                gen = torch.Generator().manual_seed(index)
+                assert peer.opt.scaler is not None
+                while peer.opt.epoch < 3:
+                    x, y = teacher_batch(gen, 16)
+                    with torch.autocast(device, dtype=amp_dtype):
+                        loss = nn.MSELoss()(peer.model(x.to(device)).float(), y.to(device))
+                    assert torch.isfinite(loss)
+                    peer.opt.scaler.scale(loss).backward()
+                    await asyncio.sleep(0.1)
+                    if await peer.opt.step(16):
+                        record.setdefault(peer.opt.epoch, {})[index] = flat(peer.model).cpu()
+
+            async with asyncio.timeout(300):
+                await asyncio.gather(*(loop(i, p) for i, p in enumerate(peers)))
+            assert all(p.opt.stats.rounds_complete == 3 for p in peers)
+        for epoch in range(1, 4):
+            torch.testing.assert_close(record[epoch][0], record[epoch][1], rtol=0, atol=0)
+
+    from coordinator_free_dht.testing.clock import run_virtual
+
+    run_virtual(run(), autojump_threshold=0.05 if device == "cuda" else 0.0)
