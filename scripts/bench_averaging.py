@@ -120,7 +120,21 @@ class RSSMeter:
 
 
 def config_for(codec: str) -> AveragerConfig:
+    """The averager's settings: generous timeouts; part and chunk sizes default, or from the environment
+    (``BENCH_PART_ELEMENTS``, ``BENCH_CHUNK_BYTES``, ``BENCH_WINDOW``, ``BENCH_PIPELINE_PARTS``,
+    ``BENCH_OFFLOAD_ELEMENTS``; counts like ``256K``) for tuning experiments."""
+    tuning: dict[str, Any] = {}
+    for key, env in (
+        ("part_elements", "BENCH_PART_ELEMENTS"),
+        ("chunk_bytes", "BENCH_CHUNK_BYTES"),
+        ("window", "BENCH_WINDOW"),
+        ("pipeline_parts", "BENCH_PIPELINE_PARTS"),
+        ("offload_elements", "BENCH_OFFLOAD_ELEMENTS"),
+    ):
+        if env in os.environ:
+            tuning[key] = parse_count(os.environ[env])
     return AveragerConfig(
+        **tuning,
         compression=Compression(CODECS[codec]),
         sender_timeout=60.0,
         reducer_timeout=120.0,

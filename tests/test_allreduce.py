@@ -14,6 +14,7 @@ from volunteer.averaging.allreduce import (
     SpanReducer,
     Submission,
     centered_clip,
+    is_finite,
     weighted_mean,
 )
 from volunteer.averaging.partition import Partition
@@ -148,3 +149,36 @@ def test_reducer_centered_clip() -> None:
     reducer.submit(2, 0, torch.full((4,), 1000.0))
     result = reducer.reduce()
     assert float(result.values.abs().max()) < 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64])
+def test_is_finite_fast_path_and_overflowing_sums(dtype: torch.dtype) -> None:
+    real = torch.float32 if dtype.is_complex else dtype
+    # Finite values whose sum overflows: the fast path's sum is infinite, the exact test must still say finite.
+    assert is_finite(torch.full((1000,), torch.finfo(real).max, dtype=real).to(dtype))
+    assert is_finite(torch.linspace(-1, 1, 4097).to(dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        values = torch.zeros(4097).to(dtype)
+        values[1234] = bad
+        assert not is_finite(values)
+    both = torch.zeros(10).to(dtype)
+    both[0], both[1] = float("inf"), float("-inf")  # their sum is NaN; each is non-finite anyway
+    assert not is_finite(both)
+    if dtype.is_complex:
+        imaginary = torch.zeros(10, dtype=dtype)
+        imaginary[3] = torch.tensor(complex(0.0, float("nan")), dtype=dtype)
+        assert not is_finite(imaginary)
+
+
+def test_weighted_mean_into_an_aliased_output() -> None:
+    gen = torch.Generator().manual_seed(7)
+    values = [torch.randn(1000, generator=gen) for _ in range(3)]
+    weights = [2.0, 1.0, 0.5]
+    expected = weighted_mean(values, weights)
+    out = values[0].clone()
+    inputs = [out, values[1], values[2]]
+    result = weighted_mean(inputs, weights, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.equal(out, expected)
+    with pytest.raises(AveragingError, match="cannot write"):
+        weighted_mean(values, weights, out=torch.empty(1000, dtype=torch.float64))

@@ -360,3 +360,18 @@ async def test_single_member_group_is_complete() -> None:
         results = await run_round(net, make_group(net.peers), tensors)
     assert results[0].status is RoundStatus.COMPLETE
     assert all(torch.equal(a, b) for a, b in zip(tensors[0], before, strict=True))
+
+
+def test_part_size_pipelines_small_rounds_within_bounds() -> None:
+    config = AveragerConfig()
+    # A large round: parts of the full size.
+    assert config.part_size(64 << 20, 4) == config.part_elements
+    # A small round: each span is cut into pipeline_parts parts, so transfers and reductions overlap.
+    assert config.part_size(1 << 20, 2) == (1 << 19) // config.pipeline_parts
+    # Never below the minimum, never above the maximum, never zero.
+    assert config.part_size(1000, 8) == config.min_part_elements
+    assert AveragerConfig(part_elements=97).part_size(1 << 20, 2) == 97
+    assert config.part_size(0, 3) >= 1
+    assert config.part_size(10, 0) >= 1  # every member in client mode: Partition reports that, not part_size
+    with pytest.raises(AveragingError, match="positive"):
+        AveragerConfig(pipeline_parts=0)

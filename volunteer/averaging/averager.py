@@ -106,8 +106,15 @@ class AveragerConfig:
     """Codec for parts and results on the wire (``none``: the exact weighted mean)."""
     part_elements: int = 1 << 19
     """Most elements per part: the unit of streaming, reduction and fault accounting."""
-    chunk_bytes: int = 1 << 20
-    """Payload bytes per raw frame."""
+    pipeline_parts: int = 8
+    """Spans are cut into at least this many parts (of at least ``min_part_elements``), so that sending,
+    reducing and returning results overlap even for small tensors (one part per span would make each
+    round transfer, then reduce, then transfer back, with no overlap)."""
+    min_part_elements: int = 1 << 14
+    """The smallest part that ``pipeline_parts`` may cut a span into (smaller parts cost more per element)."""
+    chunk_bytes: int = 1 << 18
+    """Payload bytes per raw frame. 256 KiB fits one frame of the TLS bulk path, so a receiver gets each
+    chunk as one piece, with no reassembly copy."""
     window: int = 2
     """Parts a sender may be ahead of the part being reduced (bounds the reducer's memory)."""
     sender_timeout: float = 10.0
@@ -125,8 +132,10 @@ class AveragerConfig:
     """CenteredClip's radius."""
     clip_iterations: int = 20
     """CenteredClip's iterations."""
-    offload_elements: int = 1 << 16
-    """Parts with at least this many elements are encoded, decoded and reduced in a worker thread."""
+    offload_elements: int = 1 << 20
+    """Work on at least this many elements (a part's size; for a reduction, times its contributions) runs in a
+    worker thread. Smaller work runs inline: every torch call releases the GIL, so a busy worker thread
+    makes the event loop wait to get it back, which costs more than a fraction of a millisecond of work."""
     limits: TensorLimits = field(default_factory=TensorLimits)
     """Limits on tensor headers received from peers."""
     max_waiting_groups: int = 16
@@ -135,8 +144,18 @@ class AveragerConfig:
     def __post_init__(self) -> None:
         if self.reducer_timeout <= self.sender_timeout:
             raise AveragingError("reducer_timeout must be longer than sender_timeout")
-        if self.part_elements <= 0 or self.chunk_bytes <= 0 or self.window < 1:
-            raise AveragingError("part_elements, chunk_bytes and window must be positive")
+        if min(self.part_elements, self.chunk_bytes, self.window, self.pipeline_parts, self.min_part_elements) < 1:
+            raise AveragingError(
+                "part_elements, min_part_elements, pipeline_parts, chunk_bytes and window must be positive"
+            )
+
+    def part_size(self, total: int, reducers: int) -> int:
+        """Elements per part for a round of ``total`` elements over ``reducers`` reducing members: spans
+        are cut into ``pipeline_parts`` parts, within ``[min_part_elements, part_elements]``. Every member
+        computes the same from the same group, so they agree on the parts."""
+        per_span = -(-total // max(1, reducers))
+        pipelined = -(-per_span // self.pipeline_parts)
+        return max(1, min(self.part_elements, max(self.min_part_elements, pipelined)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,11 +601,13 @@ class Averager:
                 raise AveragingError(f"tensor {i} is on {tensor.device}; average a CPU copy")
         if group.group_id in self._rounds:
             raise AveragingError(f"a round of group {group.group_id.hex()[:12]} is already running")
+        total = sum(t.numel() for t in tensors)
+        reducers = sum(1 for m in group.members if not m.client_mode)
         partition = Partition(
             tensors,
             [m.bandwidth for m in group.members],
             [m.client_mode for m in group.members],
-            self.config.part_elements,
+            self.config.part_size(total, reducers),
         )
         deadline = asyncio.get_running_loop().time() + self.config.round_timeout
         round_ = _Round(self, group, me, partition, schema_digest(tensors), deadline)
