@@ -15,12 +15,19 @@ Requests (all carry ``t``, the sender's wall time, and ``addr``, its dialable ad
 mode)::
 
     {"type": "ping", "t": 1.7e9, "addr": "quic://..."}
-    {"type": "find", "t": ..., "addr": ..., "keys": [id32, ...], "value": true}
+    {"type": "find", "t": ..., "addr": ..., "keys": [id32, ...], "value": true, "records": [...]}
     {"type": "store", "t": ..., "addr": ..., "records": [[key, subkey|None, value, expiration, sig], ...]}
 
 Replies: ``{"t": ...}`` for ping; ``{"t", "results": [[ids, addrs, entry|None], ...]}`` for find, where ids
 is the concatenation of the nearest nodes' 32-byte ids, addrs their addresses in the same order, and entry ``[0, value, expiration, sig]`` (plain) or ``[1, [[subkey, value,
 expiration, sig], ...]]`` (dictionary); ``{"t", "stored": [bool, ...], "reasons": [str, ...]}`` for store.
+
+Optimistic store: a FIND may carry ``records`` (optional, as in STORE) for the keys it asks about; the peer
+stores them as a STORE would and adds ``stored`` and ``reasons`` to its FIND reply. A store's node lookup
+sends its records with every FIND, so the replicas the lookup confirms already hold them and a store costs
+one round of requests instead of a lookup round plus a STORE round (the idea of libp2p's "optimistic
+provide"). A peer that asked but turned out not to be among the nearest keeps a copy that simply expires,
+like a cached one. A peer that ignores the field gets a plain STORE after the lookup.
 
 Clocks: every message carries its sender's wall time, so each contact measures the offset between the two
 clocks (section 2.5's expirations are absolute); a peer off by more than ``max_clock_offset`` is refused
@@ -199,15 +206,24 @@ class DHTProtocol:
         """A PING request (carries our wall time, so the peer can measure the clock offset)."""
         return {"type": PING, "t": float(now), "addr": self.address}
 
-    def make_find(self, key_ids: Sequence[int], want_value: bool, now: float) -> dict[str, Any]:
-        """A FIND request for one or more ids (node lookup, or value lookup with ``want_value``)."""
-        return {
+    def make_find(
+        self, key_ids: Sequence[int], want_value: bool, now: float, records: Sequence[DHTRecord] = ()
+    ) -> dict[str, Any]:
+        """A FIND request for one or more ids (node lookup, or value lookup with ``want_value``).
+
+        ``records`` (at most ``max_records_per_request``) ride along to be stored at the peer (optimistic
+        store); read the outcome with :meth:`find_reply_stored`.
+        """
+        request = {
             "type": FIND,
             "t": float(now),
             "addr": self.address,
             "keys": [id_to_bytes(k) for k in key_ids],
             "value": want_value,
         }
+        if records:
+            request["records"] = _records_to_wire(records)
+        return request
 
     def make_store(self, records: Sequence[DHTRecord], now: float) -> dict[str, Any]:
         """A STORE request for several records (one message, many keys)."""
@@ -215,7 +231,7 @@ class DHTProtocol:
             "type": STORE,
             "t": float(now),
             "addr": self.address,
-            "records": [[r.key, r.subkey, r.value, float(r.expiration), r.signature] for r in records],
+            "records": _records_to_wire(records),
         }
 
     # --- serving requests ---------------------------------------------------------------------------
@@ -294,10 +310,19 @@ class DHTProtocol:
                     else:
                         budget -= size
             results.append([ids, addresses, wire_entry])
-        return {"results": results}
+        reply: dict[str, Any] = {"results": results}
+        if "records" in request:
+            records = self._parse_records(request["records"])
+            try:
+                reply.update(self._store_records(sender_id, records, now))
+            except StoreRejectedError as exc:  # over the rate limit: the FIND is still answered
+                reply.update(stored=[False] * len(records), reasons=[f"{type(exc).__name__}: {exc}"] * len(records))
+        return reply
 
     def _handle_store(self, sender_id: int, request: dict[Any, Any], now: float) -> dict[str, Any]:
-        records = self._parse_records(request.get("records"))
+        return self._store_records(sender_id, self._parse_records(request.get("records")), now)
+
+    def _store_records(self, sender_id: int, records: list[DHTRecord], now: float) -> dict[str, Any]:
         self._rate.take(sender_id, len(records), now)
         stored: list[bool] = []
         reasons: list[str] = []
@@ -412,6 +437,16 @@ class DHTProtocol:
                 entry = self._entry_from_wire(raw_entry, raw_key, now)
             parsed.append(FindResult(nodes, entry))
         return parsed
+
+    def find_reply_stored(self, reply: object, count: int) -> list[bool] | None:
+        """Which of the ``count`` records sent with a FIND (optimistic store) the peer stored; None if its
+        reply says nothing about them (it ignored the field). Call after :meth:`on_find_reply` accepted it."""
+        stored = reply.get("stored") if type(reply) is dict else None
+        if stored is None:
+            return None
+        if type(stored) is not list or len(stored) != count or any(type(s) is not bool for s in stored):
+            raise DHTProtocolError(f"a FIND reply stores one bool per record sent ({count})")
+        return stored
 
     def on_store_reply(
         self, node_id: int, address: Address | None, reply: object, count: int, sent_at: float, now: float
@@ -568,6 +603,10 @@ class DHTProtocol:
         for start in range(0, len(records), step):
             chunk = records[start : start + step]
             self._events.append(HandoffPrepared(new_id, address, self.make_store(chunk, now)))
+
+
+def _records_to_wire(records: Sequence[DHTRecord]) -> list[list[Any]]:
+    return [[r.key, r.subkey, r.value, float(r.expiration), r.signature] for r in records]
 
 
 def entry_records(key: bytes, entry: Entry) -> list[DHTRecord]:

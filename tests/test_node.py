@@ -421,3 +421,30 @@ async def test_maintenance_republishes_and_hands_keys_to_new_nodes() -> None:
         assert len(holders) >= 3
         newcomer = net.nodes[-1]
         assert (await newcomer.get("long-lived")) == ValueWithExpiration("v", expiration)
+
+
+@virtual_time
+async def test_optimistic_store_one_round_of_requests_and_every_replica_holds_it() -> None:
+    async with swarm(seed=2) as net:
+        config = NodeConfig(optimistic_store=True)
+        nodes = await net.grow(16, config)
+        replicas = nodes[0].protocol.config.num_replicas
+        expiration = net.now() + TTL
+        writer = nodes[4]
+        for i in range(20):
+            before = writer.stats.requests_sent
+            assert await writer.store(f"opt-{i}", {"i": i}, expiration)
+            # The FINDs carried the record: no separate STORE round (at most num_replicas requests when the
+            # writer's table already knows the nearest nodes; never the 2 x num_replicas of lookup + STORE).
+            assert writer.stats.requests_sent - before < 2 * replicas
+            holders = net.holders(f"opt-{i}")
+            assert len(holders) >= replicas
+            # Every one of the num_replicas nodes nearest to the key holds it.
+            kid = key_id(f"opt-{i}")
+            nearest = sorted(net.nodes, key=lambda n: n.peer_id.to_int() ^ kid)[:replicas]
+            assert all(n in holders for n in nearest)
+        # A newer value reaches the replicas the same way; an older one is refused there.
+        assert await nodes[9].store("opt-0", "newer", expiration + 10)
+        assert not await nodes[2].store("opt-0", "older", expiration - 10)
+        found = await nodes[11].get("opt-0", latest=True)
+        assert found == ValueWithExpiration("newer", expiration + 10)

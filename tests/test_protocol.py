@@ -225,3 +225,30 @@ def test_republish_and_refresh_targets() -> None:
 def test_find_request_lists_ids_as_bytes() -> None:
     request = _node(1).make_find([3], False, NOW)
     assert request["keys"] == [id_to_bytes(3)]
+
+
+def test_find_with_records_stores_them_and_answers_the_find() -> None:
+    server, client = _node(1, "server", store_rate=1.0, store_burst=3.0), _node(2, "client")
+    records = [_record("a", 1), _record("b", 2), _record("a", 0, ttl=30.0)]  # the last is older than the first
+    find = _wire(client.make_find([key_id("a"), key_id("b")], False, NOW, records))
+    reply = _wire(server.handle_request(client.node_id, find, NOW))
+    results = client.on_find_reply(server.node_id, "server", reply, [None, None], NOW, NOW)
+    assert len(results) == 2
+    assert client.find_reply_stored(reply, len(records)) == [True, True, False]
+    assert server.get_local(key_id("b"), NOW) is not None
+    # Over the store rate limit the FIND is still answered; the records are reported as not stored.
+    find = _wire(client.make_find([key_id("c")], False, NOW, [_record("c", 3)]))
+    reply = _wire(server.handle_request(client.node_id, find, NOW))
+    assert "error" not in reply
+    assert client.find_reply_stored(reply, 1) == [False]
+    assert "RateLimitedError" in reply["reasons"][0]
+    assert server.get_local(key_id("c"), NOW) is None
+    # A plain FIND says nothing about records; a reply with a wrong count is a protocol error.
+    plain = _wire(server.handle_request(client.node_id, _wire(client.make_find([key_id("a")], False, NOW)), NOW))
+    assert "records" not in client.make_find([key_id("a")], False, NOW)
+    assert client.find_reply_stored(plain, 1) is None
+    with pytest.raises(DHTProtocolError):
+        client.find_reply_stored({**plain, "stored": [True, True]}, 1)
+    # Malformed records fail the request like a bad STORE does.
+    bad = {**_wire(client.make_find([key_id("a")], False, NOW)), "records": "nope"}
+    assert "error" in server.handle_request(client.node_id, bad, NOW)
