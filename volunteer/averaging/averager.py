@@ -132,7 +132,7 @@ class AveragerConfig:
     """CenteredClip's radius."""
     clip_iterations: int = 20
     """CenteredClip's iterations."""
-    offload_elements: int = 1 << 20
+    offload_elements: int = 1 << 18
     """Work on at least this many elements (a part's size; for a reduction, times its contributions) runs in a
     worker thread. Smaller work runs inline: every torch call releases the GIL, so a busy worker thread
     makes the event loop wait to get it back, which costs more than a fraction of a millisecond of work."""
