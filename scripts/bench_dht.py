@@ -13,6 +13,7 @@ JSON lines; latencies are measured inside the node's process, so they exclude th
 
     python scripts/bench_dht.py --nodes 16
     python scripts/bench_dht.py --nodes 64 --processes
+    python scripts/bench_dht.py --nodes 16 --optimistic-store   # NodeConfig.optimistic_store (off by default)
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ async def run_op(node: DHTNode, op: dict[str, Any]) -> dict[str, Any]:
         found = await node.get(op["key"])
         ok = found is not None and found.value == op["value"]
     return {"ok": bool(ok), "ms": (time.perf_counter() - started) * 1000}
+
+
+def node_config(args: argparse.Namespace) -> NodeConfig:
+    """The configuration every node of the benchmark runs with."""
+    return NodeConfig(optimistic_store=args.optimistic_store)
 
 
 # --- the workload ------------------------------------------------------------------------------------
@@ -121,12 +127,13 @@ async def bench_one_process(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     async with contextlib.AsyncExitStack() as stack:
         started = time.perf_counter()
+        config = node_config(args)
         first = await stack.enter_async_context(
-            DHTNode(Identity.from_seed(rng.randbytes(32)), rng=random.Random(0), config=NodeConfig())
+            DHTNode(Identity.from_seed(rng.randbytes(32)), rng=random.Random(0), config=config)
         )
         boot = first.peer_addresses
         others = [
-            DHTNode(Identity.from_seed(rng.randbytes(32)), bootstrap=boot, rng=random.Random(i))
+            DHTNode(Identity.from_seed(rng.randbytes(32)), bootstrap=boot, rng=random.Random(i), config=config)
             for i in range(1, args.nodes)
         ]
 
@@ -162,7 +169,7 @@ async def worker(args: argparse.Namespace) -> None:
     reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     bootstrap = [PeerAddress.parse(args.bootstrap)] if args.bootstrap else []
-    async with DHTNode(Identity.generate(), bootstrap=bootstrap) as node:
+    async with DHTNode(Identity.generate(), bootstrap=bootstrap, config=node_config(args)) as node:
         out = sys.stdout
 
         def reply(message: dict[str, Any]) -> None:
@@ -222,6 +229,8 @@ async def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
 
     async def spawn(bootstrap: str | None) -> WorkerHandle:
         command = [sys.executable, script, "--worker"]
+        if args.optimistic_store:
+            command.append("--optimistic-store")
         if bootstrap:
             command += ["--bootstrap", bootstrap]
         proc = await asyncio.create_subprocess_exec(
@@ -280,6 +289,9 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=500, help="stores and gets per phase")
     parser.add_argument("--concurrency", type=int, default=16, help="operations in flight in the concurrent phase")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--optimistic-store", action="store_true", help="stores send their records with the lookup's FINDs"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -292,6 +304,7 @@ def main() -> None:
     line = {
         "nodes": args.nodes,
         "mode": "processes" if args.processes else "one_process",
+        "optimistic_store": args.optimistic_store,
         "ops": args.ops,
         "concurrency": args.concurrency,
         "cpus": os.cpu_count(),
