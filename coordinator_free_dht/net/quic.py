@@ -106,6 +106,7 @@ logger = logging.getLogger(__name__)
 
 _CID_LENGTH = 8
 _MIN_INITIAL_SIZE = 1200  # RFC 9000 section 14.1: a client's Initial datagram is at least this long
+_HANDSHAKE_DATAGRAM_SIZE = 1200  # datagram size until the handshake completes (see _DrivenQuic)
 _RESET_CODE = 0x1  # application error code for a reset stream
 _MISMATCH_CODE = 0x2  # application error code: the peer proved the wrong identity
 _NO_CERT_CODE = 0x3  # application error code: the dialer presented no usable certificate
@@ -215,6 +216,12 @@ class _DrivenQuic(QuicConnection):
 
     def __init__(self, *, configuration: QuicConfiguration, quic_config: QuicConfig, **kwargs: Any) -> None:
         super().__init__(configuration=configuration, **kwargs)
+        # The handshake runs at the smallest datagram size: aioquic pads every datagram that carries an
+        # Initial packet to the whole datagram, and the peer parses that padding byte by byte in Python, so a
+        # 16 KB loopback datagram made each handshake several ms dearer. Data uses the full size once the
+        # handshake is confirmed (see datagrams_to_send).
+        self._full_datagram_size = self._max_datagram_size
+        self._max_datagram_size = min(self._max_datagram_size, _HANDSHAKE_DATAGRAM_SIZE)
         self.consumed: dict[int, int] = {}
         self._window = quic_config.stream_receive_window
         # ``sent`` too: it is what the transport parameters announce, and MAX_STREAMS updates compare to it.
@@ -228,6 +235,12 @@ class _DrivenQuic(QuicConnection):
         super()._initialize(peer_cid)
         if not self._is_client:
             self.tls._request_client_certificate = True
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        """aioquic's, at the full datagram size once the handshake is confirmed (no Initial packets after)."""
+        if self._handshake_confirmed and self._max_datagram_size != self._full_datagram_size:
+            self._max_datagram_size = self._full_datagram_size
+        return super().datagrams_to_send(now)
 
     def peer_certificate(self) -> x509.Certificate | None:
         """The certificate the peer presented in the handshake, if any."""
