@@ -120,6 +120,7 @@ class PeerLog:
     arrivals: list[float] = field(default_factory=list)
     """``time.monotonic()`` in this process when each progress line arrived."""
     errors: list[str] = field(default_factory=list)
+    """The latest warnings and errors it logged."""
 
 
 @dataclass(slots=True)
@@ -133,6 +134,9 @@ def _env(home: Path) -> dict[str, str]:
     env["VOLUNTEER_HOME"] = str(home)
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
+    # The processes of a local swarm share this machine on purpose: no CPU cap (each keeps to its one thread).
+    for profile in ("ACTIVE", "IDLE"):
+        env.setdefault(f"VOLUNTEER_{profile}_CPU_PERCENT", "100")
     return env
 
 
@@ -161,8 +165,9 @@ async def _pump(peer: _Peer) -> None:
                 out.arrivals.append(time.monotonic())
             elif kind == "epoch":
                 out.epochs.append(data)
-            elif kind == "log" and data.get("level") in ("ERROR", "CRITICAL"):
-                out.errors.append(str(data.get("message")))
+            elif kind == "log" and data.get("level") in ("WARNING", "ERROR", "CRITICAL"):
+                out.errors.append(f"{data.get('level')}: {data.get('message')}")
+                del out.errors[:-20]
 
 
 async def _drain(stream: asyncio.StreamReader | None) -> None:
@@ -358,7 +363,9 @@ async def run_local_swarm(
             failed = [p for p in peers if p.proc.returncode != 0]
             await _stop([host])
         if failed:
-            detail = "; ".join(f"{p.log.name}: exit {p.proc.returncode} {' '.join(p.log.errors[-1:])}" for p in failed)
+            detail = "; ".join(
+                f"{p.log.name}: exit {p.proc.returncode} {' | '.join(p.log.errors[-3:])}" for p in failed
+            )
             raise DemoError(f"volunteers failed: {detail}")
     finally:
         await asyncio.shield(_stop(procs))

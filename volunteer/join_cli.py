@@ -156,7 +156,9 @@ def join(
     seconds: Annotated[
         float | None, typer.Option("--seconds", min=0.1, hidden=True, help="Train this long, then leave.")
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, hidden=True, help="torch threads.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, hidden=True, help="torch threads (and the monitor's max cores).")
+    ] = None,
     quick: Annotated[bool, typer.Option("--quick", hidden=True, help="Skip the hardware benchmark.")] = False,
 ) -> None:
     """Join a training run by name: find it in the DHT, get the current model from peers and train together."""
@@ -193,7 +195,10 @@ def _run_join(
     from volunteer.errors import VolunteerError
 
     try:
-        prefs = load_preferences(paths)
+        # ``--threads`` also caps the host monitor, which would otherwise add torch threads when one leaves
+        # the CPU cap unused (several volunteers on one machine then fight over the cores).
+        pinned = {} if config.threads is None else {f"{p}.max_cores": str(config.threads) for p in ("active", "idle")}
+        prefs = load_preferences(paths, overrides=pinned)
         lock = InstanceLock(paths.state_dir)
         lock.acquire()
     except VolunteerError as exc:

@@ -7,9 +7,11 @@ clear error before the runtime starts. :meth:`Trainer.run` then:
 
 1. enters the :class:`~volunteer.optim.optimizer.CollaborativeOptimizer` (gradient averaging or local
    updates, as the manifest says) and downloads the current state from peers;
-2. loops: one local step per ``gate.slot()`` (so pauses and the duty cycle apply between steps, never
-   inside one): next batch, forward and backward off the event loop (``asyncio.to_thread``), then
-   ``await opt.step(batch_size)``, which averages and steps when the swarm has reached the target batch;
+2. loops: one unit of work per ``gate.slot()`` (so pauses and the duty cycle apply between units, never
+   inside one): the next batch (in gradient mode, several batches grouped up to ~20 ms of compute, as
+   gradient accumulation: tiny models would otherwise pay a thread hop and an optimizer call per 1-ms step),
+   forward and backward off the event loop (``asyncio.to_thread``), then ``await opt.step(samples)``, which
+   averages and steps when the swarm has reached the target batch;
 3. reports loss (on a fixed held-out batch, the same on every peer, at every new epoch), samples/s, epoch and
    peers into the :class:`~volunteer.client.status.RoleReport`, and as a :class:`Progress` to an optional
    callback (headless JSON lines, the demo).
@@ -52,6 +54,10 @@ __all__ = ["EpochReport", "Progress", "Trainer", "TrainerConfig", "parameter_has
 
 EVAL_SAMPLES = 512
 """Size of the held-out batch the reported loss is measured on."""
+GROUP_SECONDS = 0.02
+"""Gradient mode: compute time one worker-thread call aims at (tiny steps are grouped up to it)."""
+MAX_GROUP = 16
+"""Most batches in one group."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,12 +194,27 @@ class Trainer:
         """Close the HTTP client (if any)."""
         await self._stack.aclose()
 
-    def _train_step(self, batch: Batch) -> float:
+    def _train_steps(self, batches: list[Batch]) -> list[float]:
+        """Forward and backward over ``batches``; ``.grad`` ends as the mean gradient over all their samples."""
         assert self._model is not None
         self._model.train()
-        loss = task_loss(self.task, self._model(batch.inputs), batch.targets)
-        loss.backward()  # type: ignore[no-untyped-call]
-        return float(loss.detach())
+        total = sum(b.size for b in batches)
+        losses = []
+        for batch in batches:
+            loss = task_loss(self.task, self._model(batch.inputs), batch.targets)
+            (loss * (batch.size / total)).backward()  # type: ignore[no-untyped-call]
+            losses.append(float(loss.detach()))
+        return losses
+
+    def _group_size(self, seconds_per_batch: float | None) -> int:
+        """Batches per worker-thread call: in gradient mode, enough for ~:data:`GROUP_SECONDS` of compute (one
+        thread hop, one gate slot and one optimizer call per group instead of per batch), at most 1/16 of the
+        epoch's target so the swarm does not overshoot it. Local mode steps after every batch (the algorithm)."""
+        spec = self.manifest.averaging
+        if spec.mode != "grad" or seconds_per_batch is None or seconds_per_batch <= 0:
+            return 1
+        cap = max(1, spec.target_batch_size // (16 * spec.batch_size))
+        return max(1, min(cap, MAX_GROUP, int(GROUP_SECONDS / seconds_per_batch)))
 
     def _evaluate(self) -> float:
         assert self._model is not None
@@ -241,19 +262,24 @@ class Trainer:
         samples = window_samples = 0
         train_losses: list[float] = []
         epoch = opt.epoch
-        batch = self._first
+        first = self._first
         self._first = None
+        per_batch: float | None = None
         while self.config.max_seconds is None or self._clock() - started < self.config.max_seconds:
             async with gate.slot():
-                if batch is None:
-                    batch = await self._stream_next(batch_size)
+                batches = [first] if first is not None else []
+                first = None
+                while len(batches) < self._group_size(per_batch):
+                    batches.append(await self._stream_next(batch_size))
                 step_started = self._clock()
-                train_losses.append(await asyncio.to_thread(self._train_step, batch))
-                await opt.step(batch.size)
-                samples += batch.size
-                window_samples += batch.size
-                report.add_work(samples=batch.size, seconds=self._clock() - step_started)
-                batch = None
+                train_losses.extend(await asyncio.to_thread(self._train_steps, batches))
+                computed = (self._clock() - step_started) / len(batches)
+                per_batch = computed if per_batch is None else 0.8 * per_batch + 0.2 * computed
+                size = sum(b.size for b in batches)
+                await opt.step(size)
+                samples += size
+                window_samples += size
+                report.add_work(samples=size, seconds=self._clock() - step_started)
             if opt.epoch != epoch:
                 epoch = opt.epoch
                 await self._epoch_began(epoch, self._clock() - started)
