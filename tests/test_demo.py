@@ -1,4 +1,5 @@
-"""``volunteer demo --short`` runs for real (a host and three volunteer processes on loopback) and the loss falls."""
+"""``volunteer demo`` runs for real (a host and two volunteer processes on loopback, a few seconds) and its
+summary shows the loss fell with the volunteers in sync."""
 
 from __future__ import annotations
 
@@ -11,23 +12,19 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(240)
 def test_demo_short_loss_falls(tmp_path: Path) -> None:
     env = dict(os.environ, VOLUNTEER_HOME=str(tmp_path))
+    args = ["demo", "--short", "--seconds", "5", "--volunteers", "2"]
     proc = subprocess.run(
-        [sys.executable, "-c", "from volunteer.cli import main; main()", "demo", "--short", "--seconds", "12"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
+        [sys.executable, "-m", "volunteer", *args], env=env, capture_output=True, text=True, timeout=220, check=False
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["peers"] == 3
-    assert summary["mode"] == "grad"
+    lines = proc.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["peers"] == 2
     assert summary["loss_fell"] is True
     assert summary["loss_end"] < summary["loss_start"]
     assert summary["epochs"] >= 1
-    assert summary["samples_per_s_total"] > 0
-    assert "loss" in proc.stdout
+    assert summary["in_sync"] is True
+    assert any(line.startswith("loss ") for line in lines)  # the human summary, on its own line
