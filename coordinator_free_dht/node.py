@@ -387,7 +387,8 @@ class DHTNode:
             raise DHTProtocolError(f"peer {_short(node_id)} has an unusable address {address!r:.100}") from exc
         sent_at = self.clock.time()
         self.stats.requests_sent += 1
-        reply = await self.rpc.call_unary(peer, METHOD, request, timeout=self.config.rpc_timeout)
+        # eager_eof: our handler is inline (nothing to cancel), so our EOF rides with the request.
+        reply = await self.rpc.call_unary(peer, METHOD, request, timeout=self.config.rpc_timeout, eager_eof=True)
         return reply, sent_at
 
     def _failed(self, node_id: int, exc: DHTError) -> None:

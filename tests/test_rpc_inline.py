@@ -81,3 +81,21 @@ async def test_inline_handler_error_and_unregister(net: Swarm) -> None:
     assert (await client.call_unary(info, "echo", 2, timeout=5))["request"] == 2
     with pytest.raises(ValueError, match="already registered"):
         server.register_unary_inline("echo", echo)
+
+
+async def test_eager_eof_calls_get_the_same_answers(net: Swarm) -> None:
+    server, info, client = await setup(net)
+
+    async def slow_echo(ctx: CallContext, request: Any) -> Any:
+        await asyncio.sleep(0.01)
+        return request
+
+    server.register_unary("slow-echo", slow_echo)
+    for _ in range(3):
+        assert (await client.call_unary(info, "echo", 5, timeout=5, eager_eof=True))["request"] == 5
+        assert await client.call_unary(info, "slow-echo", [1], timeout=5, eager_eof=True) == [1]
+    with pytest.raises(RemoteError, match="bad request 8"):
+        await client.call_unary(info, "fail", 8, timeout=5, eager_eof=True)
+    # Many at once over one connection: every stream closes cleanly, later calls still work.
+    replies = await asyncio.gather(*(client.call_unary(info, "echo", i, timeout=5, eager_eof=True) for i in range(40)))
+    assert [r["request"] for r in replies] == list(range(40))
