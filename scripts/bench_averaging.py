@@ -14,7 +14,9 @@ peer's time includes waiting for a late starter); otherwise all peers share one 
 One JSON line per configuration: ``peers``, ``elements``, ``codec``, ``mode``, ``seconds_per_round`` (mean
 of the timed rounds after one warm-up round; with processes a round lasts until its slowest peer is done) and
 ``rounds_s`` (each round), ``cpu_s_per_peer`` (CPU seconds a peer used per round, all its threads: on a
-busy machine the wall time can be well above it), ``bus_MBps`` (``2 (N-1)/N x bytes / seconds``, the NCCL convention),
+busy machine the wall time can be well above it) and ``cpu_bound_s`` (``N x cpu_s_per_peer`` spread over
+the machine's cores: what a round would take if the peers had the cores to themselves and nothing else
+limited them; a floor, not a measurement, for judging runs on a machine others are loading), ``bus_MBps`` (``2 (N-1)/N x bytes / seconds``, the NCCL convention),
 ``bytes_sent_per_peer`` and ``bound_bytes`` (``2 (N-1)/N x`` the tensor size), ``max_abs_error`` against the
 true mean, ``rss_mb_per_peer`` (how far a peer's resident memory rose above what it held before the round:
 the peak during the round minus the level at its start, the worst round and peer; Linux's peak-RSS counter
@@ -221,6 +223,7 @@ def summary(
         "seconds_per_round": round(seconds, 4),
         "rounds_s": [round(t, 4) for t in times],
         "cpu_s_per_peer": round(sum(cpu) / len(cpu), 4),
+        "cpu_bound_s": round(sum(cpu) / len(cpu) * peers / max(1, min(peers, os.cpu_count() or 1)), 4),
         "bus_MBps": round(bound / seconds / 1e6, 1),
         "bytes_sent_per_peer": int(sum(sent) / len(sent)),
         "bound_bytes": int(bound),
