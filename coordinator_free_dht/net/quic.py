@@ -903,6 +903,20 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+def _numeric_sockaddr(host: str, port: int) -> tuple[int, tuple[str, int] | tuple[str, int, int, int]] | None:
+    """Family and socket address of an IP literal, or None for a name: addresses in the DHT are nearly
+    always literals, and ``getaddrinfo`` would send each dial through the default thread pool."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.version == 4:
+        return socket.AF_INET, (str(ip), port)
+    if ip.scope_id:
+        return None  # a link-local address with a zone: let getaddrinfo resolve the scope
+    return socket.AF_INET6, (str(ip), port, 0, 0)
+
+
 def _is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1, IPv4-mapped loopback (``::ffff:127.0.0.1``) and ``localhost``."""
     try:
@@ -1055,12 +1069,17 @@ class QuicTransport(Transport):
     async def _do_dial(self, address: Address, expected: PeerID) -> QuicConnectionHandle:
         loop = asyncio.get_running_loop()
         timeout = self._config.handshake_timeout
-        try:
-            async with asyncio.timeout(timeout):
-                infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM)
-        except (OSError, TimeoutError) as exc:
-            raise DialError(f"cannot resolve {address}: {exc}") from exc
-        family, _, _, _, sockaddr = infos[0]
+        resolved = _numeric_sockaddr(address.host, address.port)
+        family: int
+        if resolved is None:
+            try:
+                async with asyncio.timeout(timeout):
+                    infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM)
+            except (OSError, TimeoutError) as exc:
+                raise DialError(f"cannot resolve {address}: {exc}") from exc
+            family, _, _, _, sockaddr = infos[0]
+        else:
+            family, sockaddr = resolved
         remote = cast(NetworkAddress, sockaddr)
         endpoint = await self._endpoint_for(family, str(sockaddr[0]))
         configuration = self._quic_configuration(is_client=True, remote_host=str(remote[0]))
@@ -1100,7 +1119,17 @@ class QuicTransport(Transport):
     async def _open_udp(self, host: str, port: int, family: int, accept: bool) -> _Endpoint:
         """Bind our own non-blocking UDP socket (so the endpoint can drain it in batches) and wrap it."""
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+        numeric = _numeric_sockaddr(host, port)
+        infos: list[tuple[int, int, int, str, Any]]
+        if numeric is not None and numeric[0] == family:
+            infos = [(family, socket.SOCK_DGRAM, 0, "", numeric[1])]
+        else:
+            infos = [
+                (int(f), int(t), p, c, a)
+                for f, t, p, c, a in await loop.getaddrinfo(
+                    host, port, family=family, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+                )
+            ]
         error: OSError = OSError(f"no address for {host}")
         for info_family, _, proto, _, sockaddr in infos:
             sock = socket.socket(info_family, socket.SOCK_DGRAM, proto)
