@@ -235,6 +235,10 @@ class _DrivenQuic(QuicConnection):
         super()._initialize(peer_cid)
         if not self._is_client:
             self.tls._request_client_certificate = True
+        # One key share, X25519, instead of aioquic's four (P-256, P-384, X25519, X448) generated for every
+        # dial: the cheapest group to generate and agree on. A peer offering others still gets X25519 chosen.
+        if tls.Group.X25519 in self.tls._supported_groups:
+            self.tls._supported_groups = [tls.Group.X25519]
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         """aioquic's, at the full datagram size once the handshake is confirmed (no Initial packets after)."""
