@@ -18,6 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -150,7 +151,9 @@ async def test_four_peers_in_sync_loss_falls_late_joiner_matches(tmp_path: Path)
                 assert min(losses) < min(s for s in starts if s is not None)
 
 
-async def _killed_join(home: Path, reference: str, peer: str) -> tuple[asyncio.subprocess.Process, list[int]]:
+async def _killed_join(
+    home: Path, reference: str, peer: str, stderr: BinaryIO
+) -> tuple[asyncio.subprocess.Process, list[int]]:
     env = dict(os.environ, VOLUNTEER_HOME=str(home), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -166,7 +169,7 @@ async def _killed_join(home: Path, reference: str, peer: str) -> tuple[asyncio.s
         "1",
         env=env,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
     )
     return proc, []
 
@@ -183,12 +186,17 @@ async def _read_epochs(proc: asyncio.subprocess.Process, epochs: list[int], even
 
 @pytest.mark.slow
 async def test_killed_peer_does_not_stop_the_others(tmp_path: Path) -> None:
-    async with run_swarm(tmp_path, target=512) as (host, signed, start, events):
+    async with run_swarm(tmp_path, target=512) as (host, signed, start, events), contextlib.AsyncExitStack() as stack:
         peers = [await start(i + 1) for i in range(3)]
-        proc, epochs = await _killed_join(tmp_path / "victim", signed.manifest.reference, host.addresses[0])
+        stderr = stack.enter_context((tmp_path / "victim.stderr").open("wb"))  # read it when this test fails
+        proc, epochs = await _killed_join(tmp_path / "victim", signed.manifest.reference, host.addresses[0], stderr)
         reader = asyncio.create_task(_read_epochs(proc, epochs, events))
         try:
-            await events.until(lambda: len(epochs) >= 2, 90, "the join process to train an epoch with the others")
+            await events.until(lambda: len(epochs) >= 1, 150, "the join process to download the state")
+            joined_at = epochs[0]
+            await events.until(
+                lambda: min(reached(r) for r in peers) >= joined_at + 1, 60, "an epoch with the join process in"
+            )
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
             at_kill = min(reached(r) for r in peers)
