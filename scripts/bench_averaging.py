@@ -15,7 +15,7 @@ One JSON line per configuration: ``peers``, ``elements``, ``codec``, ``mode``, `
 of the timed rounds after one warm-up round; with processes a round lasts until its slowest peer is done) and
 ``rounds_s`` (each round), ``cpu_s_per_peer`` (CPU seconds a peer used per round, all its threads: on a
 busy machine the wall time can be well above it) and ``cpu_bound_s`` (``N x cpu_s_per_peer`` spread over
-the machine's cores: what a round would take if the peers had the cores to themselves and nothing else
+the machine's cores, or on one core for one process: what a round would take if the peers had the cores to themselves and nothing else
 limited them; a floor, not a measurement, for judging runs on a machine others are loading), ``bus_MBps`` (``2 (N-1)/N x bytes / seconds``, the NCCL convention),
 ``bytes_sent_per_peer`` and ``bound_bytes`` (``2 (N-1)/N x`` the tensor size), ``max_abs_error`` against the
 true mean, ``rss_mb_per_peer`` (how far a peer's resident memory rose above what it held before the round:
@@ -215,6 +215,8 @@ def summary(
     nbytes = elements * 4
     bound = 2 * (peers - 1) / peers * nbytes
     baseline = PREDECESSOR.get((peers, elements, codec))
+    # One process has one event loop: its CPU time is (nearly) serial. Processes spread over the cores.
+    cores = max(1, min(peers, os.cpu_count() or 1)) if mode == "processes" else 1
     return {
         "peers": peers,
         "elements": elements,
@@ -223,7 +225,7 @@ def summary(
         "seconds_per_round": round(seconds, 4),
         "rounds_s": [round(t, 4) for t in times],
         "cpu_s_per_peer": round(sum(cpu) / len(cpu), 4),
-        "cpu_bound_s": round(sum(cpu) / len(cpu) * peers / max(1, min(peers, os.cpu_count() or 1)), 4),
+        "cpu_bound_s": round(sum(cpu) / len(cpu) * peers / cores, 4),
         "bus_MBps": round(bound / seconds / 1e6, 1),
         "bytes_sent_per_peer": int(sum(sent) / len(sent)),
         "bound_bytes": int(bound),
