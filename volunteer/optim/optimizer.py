@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from coordinator_free_dht.errors import DHTError
-from coordinator_free_dht.net.rpc import RPC
+from coordinator_free_dht.net.rpc import RPC, PeerInfo
 from coordinator_free_dht.node import DHTNode
 from volunteer.averaging.averager import Averager, AveragerConfig, AveragingResult, RoundStatus
 from volunteer.averaging.matchmaking import FormedGroup, Matchmaker, MatchmakingConfig, ReadyInfo
@@ -291,6 +291,8 @@ class CollaborativeOptimizer:
         self._tg: asyncio.TaskGroup | None = None
         self._background: list[asyncio.Task[None]] = []
         self._round_lock = asyncio.Lock()
+        self._in_sync = True
+        self._next_resync = -math.inf
 
     # --- lifetime ----------------------------------------------------------------------------------------
 
@@ -349,6 +351,8 @@ class CollaborativeOptimizer:
         view = await self._maybe_refresh()
         if view.epoch > self.epoch:
             return await self._catch_up(view)
+        if not self._in_sync and self.clock.time() >= self._next_resync:
+            await self._resync()
         if view.ready:
             self._start_matchmaking()
             pending = self._matchmaking if self._matchmaking_epoch == self.epoch else None
@@ -397,7 +401,15 @@ class CollaborativeOptimizer:
         if not donors or donors[0][0] < self.epoch or (newer_only and donors[0][0] == self.epoch):
             return False
         newest = donors[0][0]
-        peers = [peer for epoch, peer in donors if epoch == newest]
+        return await self._download([peer for epoch, peer in donors if epoch == newest])
+
+    @property
+    def in_sync(self) -> bool:
+        """False after a failed or partial round (our parameters may differ from the swarm's) until a
+        resynchronisation downloaded the state of an in-sync peer (see :meth:`_resync`)."""
+        return self._in_sync
+
+    async def _download(self, peers: list[PeerInfo], *, in_sync: bool = True) -> bool:
         download = StateDownload(self.rpc, self.config.sync, rng=random.Random(self.rng.random()))
         try:
             async with asyncio.timeout(self.config.state_sync_timeout):
@@ -412,6 +424,7 @@ class CollaborativeOptimizer:
             return False
         self.stats.state_downloads += 1
         logger.info("downloaded the state of epoch %d from %d donor(s)", state.epoch, len(peers))
+        self._in_sync = in_sync
         await self._publish_state()
         await self._publish()
         return True
@@ -507,13 +520,41 @@ class CollaborativeOptimizer:
 
     async def _advertise_loop(self) -> None:
         while True:
-            epoch = self.state_server.epoch
-            if epoch is not None:
-                try:
-                    await advertise_state(self.node, self.run_id, epoch, self._me().peer, ttl=self.config.state_ttl)
-                except DHTError as exc:
-                    logger.info("could not advertise our state: %s", exc)
+            await self._advertise()
             await asyncio.sleep(self.config.state_ttl / 2)
+
+    async def _advertise(self) -> None:
+        """Advertise our state: under the run's key while in sync, under ``<run>/unsynced`` otherwise, so
+        joiners and resynchronising peers only download from peers in sync with the swarm."""
+        epoch = self.state_server.epoch
+        if epoch is None:
+            return
+        prefix = self.run_id if self._in_sync else f"{self.run_id}/unsynced"
+        try:
+            await advertise_state(self.node, prefix, epoch, self._me().peer, ttl=self.config.state_ttl)
+        except DHTError as exc:
+            logger.info("could not advertise our state: %s", exc)
+
+    async def _resync(self) -> None:
+        """After a failed or partial round: download the state of a peer in sync with the swarm at our
+        epoch or later. If there is none (every peer's round failed), the out-of-sync peers of our epoch
+        agree on one of them, the smallest peer id, whose state becomes the reference: it declares itself in
+        sync and the others download from it."""
+        self._next_resync = self.clock.time() + self.tracker.refresh_interval()
+        if await self.load_state_from_peers():
+            return
+        try:
+            unsynced = await find_donors(self.node, f"{self.run_id}/unsynced")
+        except DHTError as exc:
+            logger.info("could not look up out-of-sync peers: %s", exc)
+            return
+        others = [peer for epoch, peer in unsynced if epoch == self.epoch]
+        if not others or min(p.peer_id.digest for p in others) > self.node.peer_id.digest:
+            logger.info("epoch %d: no peer in sync; our state is the reference now", self.epoch)
+            self._in_sync = True
+            await self._advertise()
+            return
+        await self._download([min(others, key=lambda p: p.peer_id.digest)])
 
     # --- averaging ---------------------------------------------------------------------------------------
 
@@ -540,7 +581,39 @@ class CollaborativeOptimizer:
     async def _catch_up(self, view: GlobalProgress) -> bool:
         logger.info("the swarm is at epoch %d and we are at %d: downloading its state", view.epoch, self.epoch)
         self._drop_matchmaking()
-        return await self.load_state_from_peers(newer_only=True)
+        if await self.load_state_from_peers(newer_only=True):
+            return True
+        # No peer in sync has it: take the state of a peer out of sync (and stay out of sync ourselves).
+        try:
+            unsynced = await find_donors(self.node, f"{self.run_id}/unsynced")
+        except DHTError as exc:
+            logger.info("could not look up out-of-sync peers: %s", exc)
+            unsynced = []
+        newest = [peer for epoch, peer in unsynced if epoch == view.epoch]
+        if newest and await self._download(newest, in_sync=False):
+            return True
+        # Nobody could give us the state: move to the swarm's epoch with our own parameters rather than
+        # stall (our samples would never count otherwise); we are out of sync until a resynchronisation.
+        logger.warning(
+            "could not download the state of epoch %d; continuing from our own (epoch %d) parameters",
+            view.epoch,
+            self.epoch,
+        )
+        self.epoch = self.stats.epoch = view.epoch
+        self._reset_epoch_work()
+        self._in_sync = False
+        await self._publish_state()
+        await self._publish()
+        return True
+
+    def _reset_epoch_work(self) -> None:
+        """Forget this epoch's local work (accumulated gradients; in local mode, restart from the anchor)."""
+        with torch.no_grad():
+            for acc in self._accumulators:
+                acc.zero_()
+            for a, p in zip(self._anchor, self.params, strict=True):
+                a.copy_(p.detach())
+        self._local_samples = 0
 
     def _drop_matchmaking(self) -> None:
         if self._matchmaking is not None:
@@ -557,6 +630,9 @@ class CollaborativeOptimizer:
             await self._cpu(self._apply_round, tensors, local_copy, averaged)
             if why is not None:
                 logger.warning("epoch %d: %s; applied the local update instead", self.epoch, why)
+                self._in_sync = False
+            elif averaged is None:  # alone in the swarm: our state is the swarm's
+                self._in_sync = True
             self.epoch += 1
             self.stats.epoch = self.epoch
             self._local_samples = 0
@@ -688,8 +764,7 @@ class CollaborativeOptimizer:
     async def _publish_state(self) -> None:
         metadata, tensors = await self._cpu(self._state_tensors)
         await self.state_server.publish(StateSnapshot(self.epoch, metadata, tuple(tensors)))
-        with contextlib.suppress(DHTError):
-            await advertise_state(self.node, self.run_id, self.epoch, self._me().peer, ttl=self.config.state_ttl)
+        await self._advertise()
 
     def _apply_state(self, epoch: int, metadata: dict[str, Any], tensors: Sequence[torch.Tensor]) -> None:
         """Load a downloaded state (checked against our model first; :class:`OptimError` if it does not fit)."""
