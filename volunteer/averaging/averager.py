@@ -118,10 +118,11 @@ class AveragerConfig:
     window: int = 2
     """Parts a sender may be ahead of the part being reduced (bounds the reducer's memory)."""
     sender_timeout: float = 10.0
-    """Seconds a reducer waits for a sender's next part (since the last progress) before dropping it."""
+    """Seconds a reducer waits for a sender's next part (since the last progress) before dropping it (within a
+    part, between this and a quarter more: the timer is pushed back in steps, not on every chunk)."""
     reducer_timeout: float = 30.0
     """Seconds a sender waits for a reducer's next result before keeping its local values; must exceed
-    ``sender_timeout``, because a reducer may itself wait that long for a stalled peer."""
+    1.25 x ``sender_timeout``, because a reducer may itself wait that long for a stalled peer."""
     round_timeout: float = 300.0
     """Seconds the whole round may take."""
     join_timeout: float = 10.0
@@ -142,8 +143,8 @@ class AveragerConfig:
     """Groups that incoming calls may wait for at once (protects against calls for made-up groups)."""
 
     def __post_init__(self) -> None:
-        if self.reducer_timeout <= self.sender_timeout:
-            raise AveragingError("reducer_timeout must be longer than sender_timeout")
+        if self.reducer_timeout <= 1.25 * self.sender_timeout:
+            raise AveragingError("reducer_timeout must be longer than 1.25 x sender_timeout")
         if min(self.part_elements, self.chunk_bytes, self.window, self.pipeline_parts, self.min_part_elements) < 1:
             raise AveragingError(
                 "part_elements, min_part_elements, pipeline_parts, chunk_bytes and window must be positive"
@@ -300,13 +301,19 @@ class _Round:
                 f"part {part.position} arrived as {list(decoder.header.shape)} {decoder.header.dtype},"
                 f" expected [{part.numel}] {view.dtype}"
             )
-        while not decoder.complete:
-            async with asyncio.timeout(wait):
+        loop = asyncio.get_running_loop()
+        # One timer per part, pushed back only when less than ``wait`` is left: no timer per chunk, and a
+        # stalled peer is still given at least ``wait`` (at most 1.25 x ``wait``) since its last chunk.
+        async with asyncio.timeout(1.25 * wait) as timer:
+            while not decoder.complete:
+                now, when = loop.time(), timer.when()
+                if when is not None and when - now < wait:
+                    timer.reschedule(now + 1.25 * wait)
                 chunk = await call.recv()
-            if not isinstance(chunk, bytes | bytearray | memoryview):
-                raise AveragingError(f"expected tensor bytes for part {part.position}, got {type(chunk).__name__}")
-            decoder.feed(chunk)
-            self.bytes_received += len(chunk)
+                if not isinstance(chunk, bytes | bytearray | memoryview):
+                    raise AveragingError(f"expected tensor bytes for part {part.position}, got {type(chunk).__name__}")
+                decoder.feed(chunk)
+                self.bytes_received += len(chunk)
         if decoder.header.codec is CodecId.NONE:
             return decoder.finish()  # a view of the received bytes: nothing to offload
         values: torch.Tensor = await self._cpu(part.numel, decoder.finish)
