@@ -566,3 +566,41 @@ async def test_reads_respect_max_bytes_and_join_queued_packets(congestion_contro
     assert data == payload
     assert max(sizes) <= 5000
     assert max(sizes) > 1200  # several ~1.2 kB packet payloads came back from one read
+
+
+async def test_handshake_datagrams_stay_at_1200_bytes_on_loopback() -> None:
+    # aioquic pads every datagram holding an Initial packet to the whole datagram size; the handshake runs
+    # at 1200 bytes so neither side builds nor parses 16 KB of padding per new connection.
+    config = QuicConfig(idle_timeout=5.0, keepalive_interval=1.0)
+    async with (
+        peer(config=config) as (server, address),
+        peer(config=config) as (client, _),
+        relay_to(address) as (relay, via),
+        asyncio.timeout(60),
+    ):
+        conn = await client.connect(via, server.local_peer)
+        handshake = list(relay.sizes)
+        assert handshake
+        assert max(handshake) <= 1200
+        assert min(handshake[:2]) == 1200  # the client's Initial, and the server's answer, padded to 1200
+        stream = await conn.open_stream()
+        payload = random.Random(6).randbytes(200_000)
+
+        async def send() -> None:
+            await stream.write(payload)
+            await stream.write_eof()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(send())
+            echoed = tg.create_task(read_all(stream))
+        assert echoed.result() == payload
+        assert max(relay.sizes) > 1200  # data still uses the large loopback datagrams
+
+
+def test_ip_literals_skip_name_resolution() -> None:
+    from coordinator_free_dht.net.quic import _numeric_sockaddr
+
+    assert _numeric_sockaddr("127.0.0.1", 5) == (socket.AF_INET, ("127.0.0.1", 5))
+    assert _numeric_sockaddr("::1", 6) == (socket.AF_INET6, ("::1", 6, 0, 0))
+    assert _numeric_sockaddr("localhost", 7) is None
+    assert _numeric_sockaddr("fe80::1%eth0", 8) is None  # a zone needs getaddrinfo
