@@ -84,6 +84,7 @@ __all__ = ["CollaborativeConfig", "CollaborativeOptimizer", "Mode", "OptimizerSt
 logger = logging.getLogger(__name__)
 
 _Scheduler = torch.optim.lr_scheduler.LRScheduler
+_DOWNLOAD_ATTEMPTS = 3
 
 
 class Mode(enum.StrEnum):
@@ -413,7 +414,16 @@ class CollaborativeOptimizer:
         download = StateDownload(self.rpc, self.config.sync, rng=random.Random(self.rng.random()))
         try:
             async with asyncio.timeout(self.config.state_sync_timeout):
-                state = await download.run(peers)
+                for attempt in range(_DOWNLOAD_ATTEMPTS):
+                    try:
+                        state = await download.run(peers)
+                        break
+                    except StateSyncError as exc:
+                        # Donors that moved to a newer epoch mid-download refuse the old one; a new attempt
+                        # reads their manifests again and resumes (or restarts at the newer epoch).
+                        if attempt == _DOWNLOAD_ATTEMPTS - 1:
+                            raise
+                        logger.info("state download attempt %d failed (%s); retrying", attempt + 1, exc)
         except (StateSyncError, TimeoutError) as exc:
             logger.warning("state download from %d donor(s) failed: %s", len(peers), exc or "timed out")
             return False
