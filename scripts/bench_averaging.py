@@ -124,7 +124,7 @@ class RSSMeter:
 def config_for(codec: str) -> AveragerConfig:
     """The averager's settings: generous timeouts; part and chunk sizes default, or from the environment
     (``BENCH_PART_ELEMENTS``, ``BENCH_CHUNK_BYTES``, ``BENCH_WINDOW``, ``BENCH_PIPELINE_PARTS``,
-    ``BENCH_OFFLOAD_ELEMENTS``; counts like ``256K``) for tuning experiments."""
+    ``BENCH_OFFLOAD_ELEMENTS``, ``BENCH_SEND_AHEAD``; counts like ``256K``) for tuning experiments."""
     tuning: dict[str, Any] = {}
     for key, env in (
         ("part_elements", "BENCH_PART_ELEMENTS"),
@@ -132,6 +132,7 @@ def config_for(codec: str) -> AveragerConfig:
         ("window", "BENCH_WINDOW"),
         ("pipeline_parts", "BENCH_PIPELINE_PARTS"),
         ("offload_elements", "BENCH_OFFLOAD_ELEMENTS"),
+        ("send_ahead", "BENCH_SEND_AHEAD"),
     ):
         if env in os.environ:
             tuning[key] = parse_count(os.environ[env])

@@ -117,6 +117,10 @@ class AveragerConfig:
     chunk as one piece, with no reassembly copy."""
     window: int = 2
     """Parts a sender may be ahead of the part being reduced (bounds the reducer's memory)."""
+    send_ahead: int = 4
+    """Parts a sender may send beyond the last result it got back from that reducer. Without it a sender
+    runs ahead until the transport's buffers are full (megabytes per call, on both ends); with it the data
+    queued per call stays a few parts, while the pipeline still never waits for it."""
     sender_timeout: float = 10.0
     """Seconds a reducer waits for a sender's next part (since the last progress) before dropping it (within a
     part, between this and a quarter more: the timer is pushed back in steps, not on every chunk)."""
@@ -149,6 +153,8 @@ class AveragerConfig:
             raise AveragingError(
                 "part_elements, min_part_elements, pipeline_parts, chunk_bytes and window must be positive"
             )
+        if self.send_ahead < 0:
+            raise AveragingError("send_ahead must not be negative")
 
     def part_size(self, total: int, reducers: int) -> int:
         """Elements per part for a round of ``total`` elements over ``reducers`` reducing members: spans
@@ -229,6 +235,27 @@ class _Published:
 
     contributors: tuple[int, ...]
     serialized: SerializedTensor | None
+
+
+class _Progress:
+    """How many results one exchange has received, for its sender to wait on (see ``send_ahead``)."""
+
+    __slots__ = ("_changed", "received")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._changed = asyncio.Event()
+
+    def advance(self, received: int) -> None:
+        """``received`` results are in."""
+        self.received = received
+        self._changed.set()
+
+    async def wait_for(self, received: int) -> None:
+        """Until at least ``received`` results are in (the caller bounds the wait)."""
+        while self.received < received:
+            self._changed.clear()
+            await self._changed.wait()
 
 
 class _Round:
@@ -487,10 +514,11 @@ class _Round:
         try:
             async with rpc.open_call(member.peer, METHOD, timeout=remaining, metadata=metadata, bulk=True) as call:
                 error: BaseException | None = None
+                progress = _Progress()
                 async with asyncio.TaskGroup() as tg:
-                    sender = tg.create_task(self._send_parts(call, parts))
+                    sender = tg.create_task(self._send_parts(call, parts, progress))
                     try:
-                        received_all = await self._receive_results(call, reducer_index, parts)
+                        received_all = await self._receive_results(call, reducer_index, parts, progress)
                     except (TimeoutError, DHTError, TensorError, AveragingError) as exc:
                         error, received_all = exc, False
                     if not received_all:
@@ -504,16 +532,20 @@ class _Round:
                 logger.warning("averaging: a result from member %d does not decode: %s", reducer_index, exc)
             self._fail(reducer_index, f"exchange failed ({type(exc).__name__}: {exc})")
 
-    async def _send_parts(self, call: ClientCall, parts: Sequence[Part]) -> None:
+    async def _send_parts(self, call: ClientCall, parts: Sequence[Part], progress: _Progress) -> None:
         try:
-            await self._send_parts_unguarded(call, parts)
-        except (DHTError, TensorError) as exc:
-            # The call failed; receiving the results fails too and reports it.
-            logger.debug("averaging: sending parts to %s failed: %s", call.peer.short(), exc)
+            await self._send_parts_unguarded(call, parts, progress)
+        except (TimeoutError, DHTError, TensorError) as exc:
+            # The call failed or its results stopped coming; receiving the results fails too and reports it.
+            logger.debug("averaging: sending parts to %s failed: %r", call.peer.short(), exc)
 
-    async def _send_parts_unguarded(self, call: ClientCall, parts: Sequence[Part]) -> None:
+    async def _send_parts_unguarded(self, call: ClientCall, parts: Sequence[Part], progress: _Progress) -> None:
         if self.group.members[self.me].weight > 0:
             for part in parts:
+                # The result of part p needs every sender's part p, never a later one: no wait here can
+                # block the reducer. If results stop coming, the receiving side gives up and cancels us.
+                async with asyncio.timeout(self.config.reducer_timeout):
+                    await progress.wait_for(part.position - self.config.send_ahead)
                 view = self.partition.view(part)
                 if self._lossless:
                     serialized = self._serialize(view)
@@ -525,7 +557,9 @@ class _Round:
                     self.bytes_sent += chunk.nbytes
         await call.done_sending()
 
-    async def _receive_results(self, call: ClientCall, reducer_index: int, parts: Sequence[Part]) -> bool:
+    async def _receive_results(
+        self, call: ClientCall, reducer_index: int, parts: Sequence[Part], progress: _Progress
+    ) -> bool:
         config = self.config
         size = len(self.group.members)
         for position, part in enumerate(parts):
@@ -548,6 +582,7 @@ class _Round:
             if not contributors:
                 if "tensor" in message:
                     raise AveragingError(f"part {position} carries values but no contributors")
+                progress.advance(position + 1)
                 continue
             values = await self._receive_tensor(call, message.get("tensor"), part, config.reducer_timeout)
             if not is_finite(values):
@@ -555,6 +590,7 @@ class _Round:
                 return False
             self.partition.view(part).copy_(values)
             self.outcomes[part.index] = PartOutcome(part, tuple(sorted(contributors)))
+            progress.advance(position + 1)
         return True
 
     # --- the report --------------------------------------------------------------------------------------
