@@ -375,3 +375,23 @@ def test_part_size_pipelines_small_rounds_within_bounds() -> None:
     assert config.part_size(10, 0) >= 1  # every member in client mode: Partition reports that, not part_size
     with pytest.raises(AveragingError, match="positive"):
         AveragerConfig(pipeline_parts=0)
+
+
+@pytest.mark.parametrize(("send_ahead", "window"), [(0, 1), (1, 1), (0, 3)])
+async def test_tight_send_ahead_and_window_still_complete(send_ahead: int, window: int) -> None:
+    """Senders that wait for results before sending more cannot deadlock the reducers, whatever the window:
+    the result of part p needs only parts up to p."""
+    config = AveragerConfig(
+        part_elements=53, send_ahead=send_ahead, window=window, sender_timeout=5.0, reducer_timeout=10.0
+    )
+    async with network(4, clients=(3,), config=config) as net:
+        group = make_group(net.peers, [1.0, 2.0, 0.0, 1.0], clients=(3,))
+        tensors = make_tensors(4, seed=3)
+        originals = [[t.clone() for t in ts] for ts in tensors]
+        results = await run_round(net, group, tensors)
+    want = expected_mean(originals, [1.0, 2.0, 0.0, 1.0], [0, 1, 3])
+    for i, result in results.items():
+        assert result.status is RoundStatus.COMPLETE, result.summary()
+        assert len(result.parts) >= 30  # about ten parts per span, so the pacing is exercised
+        for got, expected in zip(tensors[i], want, strict=True):
+            assert torch.equal(got, expected)
