@@ -150,6 +150,10 @@ class AveragerConfig:
     """Work on at least this many elements (a part's size; for a reduction, times its contributions) runs in a
     worker thread. Smaller work runs inline: every torch call releases the GIL, so a busy worker thread
     makes the event loop wait to get it back, which costs more than a fraction of a millisecond of work."""
+    offload_threads: int = 2
+    """Work items this averager runs in worker threads at once. More rarely helps (the event loop needs a
+    core for the transport) and costs memory: every thread that allocates gets its own malloc arena, which
+    keeps freed buffers resident."""
     limits: TensorLimits = field(default_factory=TensorLimits)
     """Limits on tensor headers received from peers."""
     max_waiting_groups: int = 16
@@ -162,8 +166,8 @@ class AveragerConfig:
             raise AveragingError(
                 "part_elements, min_part_elements, pipeline_parts, chunk_bytes and window must be positive"
             )
-        if self.send_ahead < 0:
-            raise AveragingError("send_ahead must not be negative")
+        if self.send_ahead < 0 or self.offload_threads < 1:
+            raise AveragingError("send_ahead must not be negative and offload_threads must be positive")
 
     def part_size(self, total: int, reducers: int) -> int:
         """Elements per part for a round of ``total`` elements over ``reducers`` reducing members: spans
@@ -320,7 +324,9 @@ class _Round:
 
     async def _cpu(self, numel: int, fn: Any, *args: Any) -> Any:
         if numel >= self.config.offload_elements:
-            return await asyncio.to_thread(fn, *args)
+            # Bounded by the round's deadline like everything else in it.
+            async with self.averager.offload_slots:
+                return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
     def _serialize(self, values: torch.Tensor) -> SerializedTensor:
@@ -639,6 +645,8 @@ class Averager:
         self.config = config or AveragerConfig()
         self._rounds: dict[bytes, _Round] = {}
         self._waiting: dict[bytes, asyncio.Event] = {}
+        self.offload_slots = asyncio.Semaphore(self.config.offload_threads)
+        """Work items in worker threads at once (see :attr:`AveragerConfig.offload_threads`)."""
         rpc.register_stream(METHOD, self._serve)
 
     async def average(self, tensors: Sequence[torch.Tensor], group: Group) -> AveragingResult:
