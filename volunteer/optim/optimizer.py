@@ -35,6 +35,11 @@ API for the trainer role (stable)::
             await opt.step(len(batch))    # True when a global step (epoch) happened
         await opt.finish_epoch()          # optional: stop contributing, join the current epoch's round
     opt.epoch, opt.stats                  # OptimizerStats: samples/s, rounds ok/partial/failed, ...
+    opt.in_sync                           # False after a failed/partial round until resynchronised
+
+After a failed or partial round a peer is *out of sync*: it advertises its state under ``<run>/unsynced``
+(not under the run's key, which joiners and the host's checkpoints read) and, at its next steps, downloads
+the state of an in-sync peer; if every peer is out of sync they agree on the one with the smallest peer id.
 
 Mixed precision: pass ``scaler`` (a ``torch.amp.GradScaler``) and call ``scaler.scale(loss).backward()``;
 the optimizer unscales, skips batches whose gradients overflowed and updates the scale. ``offload`` keeps
