@@ -306,3 +306,22 @@ def test_lower_priority_of_a_child_process() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+async def test_run_in_thread_applies_the_thread_budget_in_the_worker_itself() -> None:
+    import threading
+
+    gate = WorkGate()
+    applied: list[tuple[int, int]] = []
+    gate.thread_hook = lambda n: applied.append((threading.get_ident(), n))
+
+    def work(x: int) -> tuple[int, int]:
+        return threading.get_ident(), x * 2
+
+    worker, doubled = await gate.run_in_thread(work, 21)
+    assert doubled == 42
+    assert applied == []  # no budget set yet: threads are left alone
+    gate.compute_threads = 3
+    worker, _ = await gate.run_in_thread(work, 1)
+    assert applied == [(worker, 3)]  # set in the thread that ran the work, not on the event loop's
+    assert worker != threading.get_ident()

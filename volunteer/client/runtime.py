@@ -33,7 +33,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from coordinator_free_dht.identity import Identity
 from volunteer import __version__
@@ -53,11 +53,18 @@ from volunteer.paths import Paths
 log = logging.getLogger(__name__)
 
 
+_T = TypeVar("_T")
+
+
 class Gate(Protocol):
     """The work gate roles pass through (the host monitor's ``WorkGate``)."""
 
     def slot(self) -> AbstractAsyncContextManager[object]:
         """Wait while paused; on exit, sleep long enough that the busy fraction meets the duty cycle."""
+        ...
+
+    async def run_in_thread(self, fn: Callable[..., _T], *args: object) -> _T:
+        """Run tensor work in a worker thread under the current thread budget."""
         ...
 
 

@@ -272,7 +272,7 @@ class Trainer:
                 while len(batches) < self._group_size(per_batch):
                     batches.append(await self._stream_next(batch_size))
                 step_started = self._clock()
-                train_losses.extend(await asyncio.to_thread(self._train_steps, batches))
+                train_losses.extend(await gate.run_in_thread(self._train_steps, batches))
                 computed = (self._clock() - step_started) / len(batches)
                 per_batch = computed if per_batch is None else 0.8 * per_batch + 0.2 * computed
                 size = sum(b.size for b in batches)

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import psutil
 
@@ -35,6 +35,8 @@ from volunteer.config import Preferences
 from volunteer.host.detect import HardwareProfile, nvml_reading
 from volunteer.host.idle import IdleDetector
 from volunteer.host.throttle import GPUReading, Readings, ThrottleDecision, decide
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +135,23 @@ class WorkGate:
         """Total seconds spent inside units or resting after them (time the load followed the gate)."""
         self.units = 0
         """Units completed."""
+        self.compute_threads: int | None = None
+        """Threads a unit's tensor work may use (``None``: leave them alone); see :meth:`run_in_thread`."""
+        self.thread_hook: Callable[[int], None] | None = None
+        """Applies ``compute_threads`` in the worker thread that runs a unit (``torch.set_num_threads``)."""
+
+    async def run_in_thread(self, fn: Callable[..., T], *args: object) -> T:
+        """``asyncio.to_thread(fn, *args)`` with the current thread budget applied in that worker first.
+
+        torch's thread count is per calling thread (a worker keeps the count it first ran with), so setting it
+        on the event-loop thread alone does not reach the workers that run the tensor work.
+        """
+        return await asyncio.to_thread(self._in_worker, self.compute_threads, fn, args)
+
+    def _in_worker(self, threads: int | None, fn: Callable[..., T], args: tuple[object, ...]) -> T:
+        if threads is not None and self.thread_hook is not None:
+            self.thread_hook(threads)
+        return fn(*args)
 
     @property
     def is_open(self) -> bool:
@@ -467,6 +486,8 @@ class HostMonitor:
         if self._apply_threads is not None and decision.threads != self._threads_applied:
             self._apply_threads(decision.threads)
             self._threads_applied = decision.threads
+            self.gate.compute_threads = decision.threads
+            self.gate.thread_hook = self._apply_threads
         if decision.upload_bps != self.upload.rate_bps:
             self.upload.set_rate(decision.upload_bps)
         if decision.download_bps != self.download.rate_bps:
