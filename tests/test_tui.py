@@ -155,6 +155,18 @@ async def settle(pilot: Pilot[None]) -> None:
     await pilot.pause()
 
 
+async def fill_preferences(pilot: Pilot[None], values: dict[str, str]) -> PreferencesScreen:
+    """Press ``t``, type ``values`` into the preferences form and press ctrl+s; returns the form's screen."""
+    await pilot.press("t")
+    await pilot.pause()
+    screen = pilot.app.screen
+    assert isinstance(screen, PreferencesScreen)
+    for key, value in values.items():
+        screen.query_one(f"#{input_id(key)}", Input).value = value
+    await pilot.press("ctrl+s")
+    return screen
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 
@@ -227,13 +239,7 @@ async def test_t_edits_preferences_and_saves_valid_values() -> None:
     app = make_app(control)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
-        await pilot.press("t")
-        await pilot.pause()
-        screen = app.screen
-        assert isinstance(screen, PreferencesScreen)
-        screen.query_one(f"#{input_id('active.cpu_percent')}", Input).value = "30"
-        screen.query_one(f"#{input_id('compute.run_on_battery')}", Input).value = "yes"
-        await pilot.press("ctrl+s")
+        await fill_preferences(pilot, {"active.cpu_percent": "30", "compute.run_on_battery": "yes"})
         await pilot.pause()
         assert not isinstance(app.screen, PreferencesScreen)
     prefs = load_file_preferences(paths)
@@ -247,13 +253,7 @@ async def test_t_rejects_invalid_values_and_writes_nothing() -> None:
     app = make_app(control)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
-        await pilot.press("t")
-        await pilot.pause()
-        screen = app.screen
-        assert isinstance(screen, PreferencesScreen)
-        screen.query_one(f"#{input_id('active.memory_percent')}", Input).value = "20"
-        screen.query_one(f"#{input_id('active.cpu_percent')}", Input).value = "250"
-        await pilot.press("ctrl+s")
+        screen = await fill_preferences(pilot, {"active.memory_percent": "20", "active.cpu_percent": "250"})
         await pilot.pause()
         assert app.screen is screen, "an invalid value must keep the form open"
         message = str(screen.query_one("#prefs-error", Static).render())
@@ -304,13 +304,7 @@ async def test_keys_drive_the_real_runtime() -> None:
             await pilot.press("r")
             await until(lambda: state_text(app) == "IDLE: no run joined", "the resume to show")
             await until(lambda: monitor.manual_pause_reason is None, "the manual pause to be lifted")
-            await pilot.press("t")
-            await pilot.pause()
-            screen = app.screen
-            assert isinstance(screen, PreferencesScreen)
-            screen.query_one(f"#{input_id('active.cpu_percent')}", Input).value = "20"
-            screen.query_one(f"#{input_id('idle.cpu_percent')}", Input).value = "20"
-            await pilot.press("ctrl+s")
+            await fill_preferences(pilot, {"active.cpu_percent": "20", "idle.cpu_percent": "20"})
             await until(lambda: monitor.preferences.active.cpu_percent == 20.0, "the monitor to get the new caps")
             await until(
                 lambda: app.snapshot is not None and app.snapshot.host is not None
