@@ -339,6 +339,8 @@ async def run_local_swarm(
                     str(seconds),
                     "--threads",
                     "1",
+                    "--device",
+                    "cpu",
                     "--quick",
                     env=_env(root / f"volunteer{i + 1}"),
                     stdout=asyncio.subprocess.PIPE,
