@@ -1,7 +1,8 @@
 """``volunteer demo``: a whole swarm on this machine, to see the main job work in about a minute.
 
 It writes the built-in demo run (an MLP on generated teacher data, gradient averaging), then starts, each as a
-separate process with its own ``VOLUNTEER_HOME`` in a temporary directory:
+separate process with its own ``VOLUNTEER_HOME`` in a new directory under the state directory
+(``<state>/demo/swarm-<time>-*/``, the last few runs kept, so every process's logs can be read afterwards):
 
 - a host (``volunteer host``), which signs and publishes the run and is the bootstrap peer;
 - ``volunteers`` trainers (``volunteer join NAME@FINGERPRINT --peer ... --headless``), which find the run
@@ -23,13 +24,14 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from rich.console import Console
 from rich.live import Live
@@ -48,6 +50,7 @@ __all__ = [
     "run_local_swarm",
     "run_manifest_toml",
     "summarize",
+    "swarm_root",
     "sync_check",
 ]
 
@@ -58,6 +61,10 @@ START_TIMEOUT = 90.0
 """Seconds the host may take to print its address."""
 GRACE = 15.0
 """Seconds a process gets to stop after SIGTERM before SIGKILL."""
+LOG_FILE = "volunteer.log"
+"""Each process's JSON lines (logs at INFO and above, progress, epochs), kept in its home directory."""
+STDERR_FILE = "stderr.log"
+"""Each process's standard error (tracebacks), kept in its home directory."""
 
 
 class DemoError(ClientError):
@@ -153,14 +160,20 @@ async def _read_host_address(proc: asyncio.subprocess.Process) -> str:
                 return line.split(None, 1)[1].strip()
 
 
-async def _pump(peer: _Peer) -> None:
+async def _pump(peer: _Peer, keep: BinaryIO) -> None:
+    """Read a volunteer's JSON lines into its :class:`PeerLog`, and keep every line in ``keep``."""
     assert peer.proc.stdout is not None
-    out = peer.log
     while line := await peer.proc.stdout.readline():
+        keep.write(line)
+        _take_line(peer.log, line)
+
+
+def _take_line(out: PeerLog, line: bytes) -> None:
+    if line:
         with contextlib.suppress(ValueError):
             data = json.loads(line)
             if not isinstance(data, dict):
-                continue
+                return
             kind = data.get("type")
             if kind == "progress":
                 out.progress.append(data)
@@ -172,10 +185,10 @@ async def _pump(peer: _Peer) -> None:
                 del out.errors[:-20]
 
 
-async def _drain(stream: asyncio.StreamReader | None) -> None:
+async def _drain(stream: asyncio.StreamReader | None, keep: BinaryIO) -> None:
     if stream is not None:
-        while await stream.readline():
-            pass
+        while line := await stream.readline():
+            keep.write(line)
 
 
 async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
@@ -300,7 +313,10 @@ async def run_local_swarm(
     """Start a host and ``volunteers`` trainers of ``run`` as processes under ``root``, let them train for
     ``seconds`` (a live table on ``console``, if given), stop everything, and return what each reported.
 
-    Raises :class:`DemoError` if a process fails. Every process is stopped, also on failure or cancellation.
+    Every process keeps its logs under its home directory (``root/host``, ``root/volunteer1``, ...):
+    :data:`LOG_FILE` (its JSON lines: logs at INFO and above, progress, epochs) and :data:`STDERR_FILE`.
+    Raises :class:`DemoError` if a process fails (the message says where the logs are). Every process is
+    stopped, also on failure or cancellation.
     """
     from volunteer.paths import Paths
 
@@ -310,70 +326,91 @@ async def run_local_swarm(
     manifest_file.write_text(toml_text, encoding="utf-8")
     procs: list[asyncio.subprocess.Process] = []
     peers: list[_Peer] = []
-    try:
-        async with asyncio.TaskGroup() as tg:
-            host = await asyncio.create_subprocess_exec(
-                *CLI,
-                "host",
-                str(manifest_file),
-                "--checkpoint-interval",
-                "5",
-                env=_env(host_home),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
+    with contextlib.ExitStack() as files:
+
+        def log_files(home: Path) -> tuple[BinaryIO, BinaryIO]:
+            home.mkdir(parents=True, exist_ok=True)
+            return files.enter_context((home / LOG_FILE).open("ab")), files.enter_context(
+                (home / STDERR_FILE).open("ab")
             )
-            procs.append(host)
-            address = await _read_host_address(host)
-            tg.create_task(_drain(host.stdout))
-            if console is not None:
-                console.print(f"host up: run [bold]{reference}[/bold] at {address}")
-            for i in range(volunteers):
-                proc = await asyncio.create_subprocess_exec(
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                host_log, host_err = log_files(host_home)
+                host = await asyncio.create_subprocess_exec(
                     *CLI,
-                    "join",
-                    reference,
-                    "--peer",
-                    address,
-                    "--headless",
-                    "--seconds",
-                    str(seconds),
-                    "--threads",
-                    "1",
-                    "--device",
-                    "cpu",
-                    "--quick",
-                    env=_env(root / f"volunteer{i + 1}"),
+                    "host",
+                    str(manifest_file),
+                    "--checkpoint-interval",
+                    "5",
+                    env=_env(host_home),
                     stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.DEVNULL,
+                    stderr=host_err,
                 )
-                procs.append(proc)
-                peer = _Peer(PeerLog(f"volunteer {i + 1}"), proc)
-                peers.append(peer)
-                tg.create_task(_pump(peer))
-            logs = [p.log for p in peers]
-            live = Live(_table(logs, seconds), console=console, refresh_per_second=2) if console is not None else None
-            with live or contextlib.nullcontext():
-                async with asyncio.timeout(seconds + START_TIMEOUT + 60):
-                    while any(p.proc.returncode is None for p in peers):
-                        if live is not None:
-                            live.update(_table(logs, seconds))
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(0.5):
-                                await asyncio.gather(*(p.proc.wait() for p in peers))
-                if live is not None:
-                    live.update(_table(logs, seconds))
-            if console is not None and not console.is_terminal:
-                console.line()
-            failed = [p for p in peers if p.proc.returncode != 0]
-            await _stop([host])
-        if failed:
-            detail = "; ".join(
-                f"{p.log.name}: exit {p.proc.returncode} {' | '.join(p.log.errors[-3:])}" for p in failed
-            )
-            raise DemoError(f"volunteers failed: {detail}")
-    finally:
-        await asyncio.shield(_stop(procs))
+                procs.append(host)
+                address = await _read_host_address(host)
+                tg.create_task(_drain(host.stdout, host_log))
+                if console is not None:
+                    console.print(f"host up: run [bold]{reference}[/bold] at {address}; logs under {root}")
+                for i in range(volunteers):
+                    home = root / f"volunteer{i + 1}"
+                    out_log, err_log = log_files(home)
+                    proc = await asyncio.create_subprocess_exec(
+                        *CLI,
+                        "join",
+                        reference,
+                        "--peer",
+                        address,
+                        "--headless",
+                        "--seconds",
+                        str(seconds),
+                        "--threads",
+                        "1",
+                        "--quick",
+                        env=_env(home),
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=err_log,
+                    )
+                    procs.append(proc)
+                    peer = _Peer(PeerLog(f"volunteer {i + 1}"), proc)
+                    peers.append(peer)
+                    tg.create_task(_pump(peer, out_log))
+                logs = [p.log for p in peers]
+                live = (
+                    Live(_table(logs, seconds), console=console, refresh_per_second=2) if console is not None else None
+                )
+                with live or contextlib.nullcontext():
+                    async with asyncio.timeout(seconds + START_TIMEOUT + 60):
+                        while any(p.proc.returncode is None for p in peers):
+                            if live is not None:
+                                live.update(_table(logs, seconds))
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(0.5):
+                                    await asyncio.gather(*(p.proc.wait() for p in peers))
+                    if live is not None:
+                        live.update(_table(logs, seconds))
+                if console is not None and not console.is_terminal:
+                    console.line()
+                failed = [p for p in peers if p.proc.returncode != 0]
+                await _stop([host])
+            if failed:
+                detail = "; ".join(
+                    f"{p.log.name}: exit {p.proc.returncode} {' | '.join(p.log.errors[-3:])}" for p in failed
+                )
+                raise DemoError(f"volunteers failed: {detail} (logs: {root}/*/{LOG_FILE}, {STDERR_FILE})")
+        finally:
+            await asyncio.shield(_stop(procs))
     return [p.log for p in peers]
+
+
+def swarm_root(base: Path, *, keep: int = 5) -> Path:
+    """A new directory for one local swarm under ``base`` (named by the time); only the ``keep`` newest such
+    directories are kept, so their logs stay around for a look after the run without filling the disk."""
+    base.mkdir(parents=True, exist_ok=True)
+    old = sorted(p for p in base.iterdir() if p.is_dir() and p.name.startswith("swarm-"))
+    for stale in old[: max(0, len(old) - keep + 1)]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("swarm-%Y%m%d-%H%M%S-"), dir=base))
 
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:
@@ -392,16 +429,23 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         f"parameters {in_sync} on every volunteer after each of the {summary['sync_epochs']} shared epochs"
         f" (last common epoch {summary['last_common_epoch']})"
     )
+    if "logs" in summary:
+        console.print(f"logs of every process: {summary['logs']}/*/{LOG_FILE} and {STDERR_FILE}")
 
 
 def run_demo(
     *, seconds: float, volunteers: int = 3, short: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
-    """Run the demo (see the module docstring); returns the summary. Always stops every process it started."""
+    """Run the demo (see the module docstring); returns the summary (``logs``: the directory holding every
+    process's home and logs, under the state directory; the last few runs are kept). Always stops every
+    process it started."""
+    from volunteer.paths import Paths
+
     console = console or Console()
     run = demo_run(short=short)
-    with tempfile.TemporaryDirectory(prefix="volunteer-demo-") as tmp:
-        logs = asyncio.run(run_local_swarm(Path(tmp), run, seconds=seconds, volunteers=volunteers, console=console))
+    root = swarm_root(Paths.default().state_dir / "demo")
+    logs = asyncio.run(run_local_swarm(root, run, seconds=seconds, volunteers=volunteers, console=console))
     summary = summarize(logs, mode=run.mode)
+    summary["logs"] = str(root)
     print_summary(summary, console)
     return summary
