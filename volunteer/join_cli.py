@@ -160,10 +160,17 @@ def join(
         int | None, typer.Option("--threads", min=1, hidden=True, help="torch threads (and the monitor's max cores).")
     ] = None,
     quick: Annotated[bool, typer.Option("--quick", hidden=True, help="Skip the hardware benchmark.")] = False,
+    device: Annotated[
+        str, typer.Option("--device", help="Where to train: auto (a CUDA GPU if there is one), cpu, cuda, cuda:N.")
+    ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option("--precision", help="GPU arithmetic: auto (= fp16 with a gradient scaler), fp16, bf16, fp32."),
+    ] = "auto",
 ) -> None:
     """Join a training run by name: find it in the DHT, get the current model from peers and train together."""
-    from volunteer.client.trainer import TrainerConfig
-    from volunteer.errors import ManifestError
+    from volunteer.client.trainer import TrainerConfig, resolve_device
+    from volunteer.errors import ManifestError, RunError
     from volunteer.run.manifest import RunRef
 
     try:
@@ -174,7 +181,11 @@ def join(
     if not bootstrap:
         raise _fail("give the address of a peer of the run with --peer quic://host:port/<peer id>")
     use_dashboard = not headless and sys.stdout.isatty() and sys.stdin.isatty()
-    config = TrainerConfig(max_seconds=seconds, threads=threads)
+    try:
+        config = TrainerConfig(max_seconds=seconds, threads=threads, device=device, precision=precision)
+        resolve_device(device)
+    except RunError as exc:
+        raise _fail(str(exc)) from exc
     _run_join(Paths.default(), ref, bootstrap, listen, config, dashboard=use_dashboard, quick=quick)
 
 

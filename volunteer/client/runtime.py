@@ -67,6 +67,15 @@ class Gate(Protocol):
         """Run tensor work in a worker thread under the current thread budget."""
         ...
 
+    @property
+    def use_gpu(self) -> bool:
+        """Whether units may compute on GPUs right now."""
+        ...
+
+    async def wait_gpu(self) -> None:
+        """Wait until GPU work is allowed (callers bound it with ``asyncio.timeout``)."""
+        ...
+
 
 class Role(Protocol):
     """A part the client plays in a run (trainer, expert server). See the module docstring for the contract."""

@@ -12,7 +12,13 @@ clear error before the runtime starts. :meth:`Trainer.run` then:
    gradient accumulation: tiny models would otherwise pay a thread hop and an optimizer call per 1-ms step),
    forward and backward off the event loop (``asyncio.to_thread``), then ``await opt.step(samples)``, which
    averages and steps when the swarm has reached the target batch;
-3. reports loss (on a fixed held-out batch, the same on every peer, at every new epoch), samples/s, epoch and
+3. on a GPU (``TrainerConfig.device``, ``auto`` picks CUDA when there is one): the model and every batch live
+   on the GPU, forward runs under autocast (fp16 with a ``torch.amp.GradScaler`` that the optimizer unscales,
+   skipping batches that overflowed; or bf16), and the gradient accumulators / DiLoCo anchor move to the CPU
+   when the model's training state would take a large share of the GPU's memory (``offload``). GPU units run
+   only while the preferences allow the GPU in the current situation (``gate.use_gpu``); otherwise the trainer
+   waits, says why, and the swarm goes on without it;
+4. reports loss (on a fixed held-out batch, the same on every peer, at every new epoch), samples/s, epoch and
    peers into the :class:`~volunteer.client.status.RoleReport`, and as a :class:`Progress` to an optional
    callback (headless JSON lines, the demo).
 
@@ -39,6 +45,7 @@ from torch import nn
 
 from volunteer.client.status import RoleReport
 from volunteer.client.swarm import Swarm, run_id
+from volunteer.errors import RunError
 from volunteer.run.data import Batch, DataStream, evaluation_batch, open_stream
 from volunteer.run.manifest import BuiltinData, Manifest
 from volunteer.run.models import build_model, task_loss
@@ -50,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EpochReport", "Progress", "Trainer", "TrainerConfig", "parameter_hash"]
+__all__ = ["EpochReport", "Progress", "Trainer", "TrainerConfig", "parameter_hash", "resolve_device"]
 
 EVAL_SAMPLES = 512
 """Size of the held-out batch the reported loss is measured on."""
@@ -58,6 +65,12 @@ GROUP_SECONDS = 0.02
 """Gradient mode: compute time one worker-thread call aims at (tiny steps are grouped up to it)."""
 MAX_GROUP = 16
 """Most batches in one group."""
+OFFLOAD_SHARE = 0.25
+"""``offload=None``: offload when parameters, gradients, optimizer state and accumulators would take more than
+this share of the GPU's memory."""
+GPU_WAIT_S = 5.0
+"""Seconds between checks while the preferences forbid the GPU."""
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +83,18 @@ class TrainerConfig:
     """Stop after this long (benchmarks, the demo); None trains until cancelled."""
     threads: int | None = None
     """torch intra-op threads (None: torch's default); several peers on one machine want 1 each."""
+    device: str = "auto"
+    """Where to train: ``auto`` (the first CUDA device if there is one, else the CPU), ``cpu``, ``cuda``,
+    ``cuda:N``."""
+    precision: str = "auto"
+    """GPU arithmetic: ``auto``/``fp16`` (autocast to float16 with a gradient scaler), ``bf16`` (autocast to
+    bfloat16, no scaler), ``fp32``. The CPU always trains in fp32. Parameters stay fp32 everywhere."""
+    offload: bool | None = None
+    """Keep gradient accumulators / the DiLoCo anchor on the CPU; ``None`` decides by GPU memory."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise RunError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +145,27 @@ class EpochReport:
         return {"type": "epoch", **asdict(self)}
 
 
+def resolve_device(requested: str) -> torch.device:
+    """The device ``requested`` names (``auto``: CUDA if available, else CPU); a clear :class:`RunError` for
+    a malformed name or a CUDA device this machine does not have."""
+    if requested == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError) as exc:
+        raise RunError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise RunError(f"device {requested!r} is not supported: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise RunError(f"device {requested!r}: this machine has no usable CUDA device (torch {torch.__version__})")
+    index = 0 if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise RunError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
 def parameter_hash(model: nn.Module) -> str:
     """A short BLAKE2b digest of a model's parameters (values, shapes and order): equal models, equal hash."""
     digest = hashlib.blake2b(digest_size=12)
@@ -166,6 +212,14 @@ class Trainer:
         download)."""
         self.loss_start: float | None = None
         """The held-out loss after the state download, before this peer's first step."""
+        self.device = torch.device("cpu")
+        """Where the model trains (set by :meth:`prepare`)."""
+        self.amp_dtype: torch.dtype | None = None
+        """The autocast dtype on a GPU (``None``: fp32)."""
+        self.scaler: torch.amp.GradScaler | None = None
+        """The fp16 gradient scaler (``None`` unless training in fp16)."""
+        self.offload = False
+        """Whether the optimizer keeps its accumulators on the CPU."""
 
     @property
     def task(self) -> Task:
@@ -181,7 +235,12 @@ class Trainer:
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         m = self.manifest
-        self._model = await asyncio.to_thread(build_model, m.model.template, m.model.config, m.seed)
+        self.device = resolve_device(self.config.device)
+        model = await asyncio.to_thread(build_model, m.model.template, m.model.config, m.seed)
+        if self.device.type == "cuda":
+            model = await asyncio.to_thread(model.to, self.device)
+            self._choose_precision(model)
+        self._model = model
         if not isinstance(m.data, BuiltinData):
             self._http = await self._stack.enter_async_context(httpx.AsyncClient())
         peer_seed = self.swarm.identity.peer_id.digest
@@ -189,6 +248,30 @@ class Trainer:
         self._first = await self._stream.next_batch(m.averaging.batch_size)
         if isinstance(m.data, BuiltinData):
             self._eval = evaluation_batch(m.data, m.seed, EVAL_SAMPLES)
+
+    def _choose_precision(self, model: nn.Module) -> None:
+        """Autocast dtype, gradient scaler and offload for a model on :attr:`device` (a CUDA device)."""
+        precision = self.config.precision
+        if precision in ("auto", "fp16"):
+            self.amp_dtype = torch.float16
+            self.scaler = torch.amp.GradScaler("cuda")
+        elif precision == "bf16":
+            if not torch.cuda.is_bf16_supported():
+                raise RunError(f"{self.device} does not support bfloat16: use --precision fp16 or fp32")
+            self.amp_dtype = torch.bfloat16
+        offload = self.config.offload
+        if offload is None:
+            # fp32 parameters, gradients, two optimizer moments and the accumulators (or anchor).
+            need = 5 * 4 * sum(p.numel() for p in model.parameters())
+            _free, total = torch.cuda.mem_get_info(self.device)
+            offload = need > OFFLOAD_SHARE * total
+        self.offload = offload
+        log.info(
+            "training on %s (%s), optimizer accumulators on %s",
+            torch.cuda.get_device_name(self.device),
+            "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
+            "the CPU" if offload else "the GPU",
+        )
 
     async def aclose(self) -> None:
         """Close the HTTP client (if any)."""
@@ -199,12 +282,20 @@ class Trainer:
         assert self._model is not None
         self._model.train()
         total = sum(b.size for b in batches)
+        device, amp = self.device, self.amp_dtype
         losses = []
         for batch in batches:
-            loss = task_loss(self.task, self._model(batch.inputs), batch.targets)
-            (loss * (batch.size / total)).backward()  # type: ignore[no-untyped-call]
-            losses.append(float(loss.detach()))
-        return losses
+            inputs = batch.inputs.to(device, non_blocking=True)
+            targets = batch.targets.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+                output = self._model(inputs)
+            loss = task_loss(self.task, output.float(), targets)
+            weighted = loss * (batch.size / total)
+            if self.scaler is not None:
+                weighted = self.scaler.scale(weighted)
+            weighted.backward()  # type: ignore[no-untyped-call]
+            losses.append(loss.detach())
+        return [float(x) for x in losses]
 
     def _group_size(self, seconds_per_batch: float | None) -> int:
         """Batches per worker-thread call: in gradient mode, enough for ~:data:`GROUP_SECONDS` of compute (one
@@ -221,7 +312,8 @@ class Trainer:
         assert self._eval is not None
         self._model.eval()
         with torch.no_grad():
-            return float(task_loss(self.task, self._model(self._eval.inputs), self._eval.targets))
+            output = self._model(self._eval.inputs.to(self.device))
+            return float(task_loss(self.task, output.float(), self._eval.targets.to(self.device)))
 
     async def run(self, gate: Gate, report: RoleReport) -> None:
         """Train until cancelled (or :attr:`TrainerConfig.max_seconds`); see the module docstring."""
@@ -243,7 +335,8 @@ class Trainer:
             node=self.swarm.node,
             rpc=self.swarm.rpc,
             run_id=run_id(m),
-            config=CollaborativeConfig.from_spec(m.averaging),
+            config=CollaborativeConfig.from_spec(m.averaging, offload=self.offload),
+            scaler=self.scaler,
         )
         async with opt:
             await opt.load_state_from_peers()
@@ -266,6 +359,9 @@ class Trainer:
         self._first = None
         per_batch: float | None = None
         while self.config.max_seconds is None or self._clock() - started < self.config.max_seconds:
+            if self.device.type == "cuda" and not gate.use_gpu:
+                await self._wait_for_gpu(gate, report)
+                continue
             async with gate.slot():
                 batches = [first] if first is not None else []
                 first = None
@@ -294,6 +390,17 @@ class Trainer:
             loss = await asyncio.to_thread(self._evaluate)
         now = self._clock()
         self._emit(opt, report, now - started, samples, samples / max(now - started, 1e-9), loss, train_losses)
+
+    async def _wait_for_gpu(self, gate: Gate, report: RoleReport) -> None:
+        """Hold GPU work while the preferences forbid the GPU (averaging and serving state go on)."""
+        log.info("waiting: the preferences do not allow the GPU now")
+        report.reason = "waiting: the preferences do not allow the GPU now"
+        while not gate.use_gpu:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GPU_WAIT_S):
+                    await gate.wait_gpu()
+        report.reason = ""
+        log.info("the GPU is allowed again, training resumes")
 
     async def _epoch_began(self, epoch: int, elapsed: float) -> None:
         assert self._model is not None

@@ -139,6 +139,7 @@ class WorkGate:
         """Threads a unit's tensor work may use (``None``: leave them alone); see :meth:`run_in_thread`."""
         self.thread_hook: Callable[[int], None] | None = None
         """Applies ``compute_threads`` in the worker thread that runs a unit (``torch.set_num_threads``)."""
+        self._use_gpu = True
 
     async def run_in_thread(self, fn: Callable[..., T], *args: object) -> T:
         """``asyncio.to_thread(fn, *args)`` with the current thread budget applied in that worker first.
@@ -172,6 +173,24 @@ class WorkGate:
         """Hold new units at the door (running ones finish)."""
         self._open.clear()
         self._notify()
+
+    @property
+    def use_gpu(self) -> bool:
+        """Whether units may compute on GPUs right now (the preferences' ``use_gpu`` for the current
+        situation, and the temperature / power caps)."""
+        return self._use_gpu
+
+    def set_use_gpu(self, allowed: bool) -> None:
+        """Allow or forbid GPU work (the monitor applies each throttle decision); GPU units waiting in
+        :meth:`wait_gpu` go on when it is allowed again."""
+        if allowed != self._use_gpu:
+            self._use_gpu = allowed
+            self._notify()
+
+    async def wait_gpu(self) -> None:
+        """Wait until GPU work is allowed (callers bound it with ``asyncio.timeout``)."""
+        while not self._use_gpu:
+            await self._changed.wait()
 
     def set_duty_cycle(self, duty: float) -> None:
         """Change the busy fraction (clamped to [0.01, 1]); resting units re-plan at once."""
@@ -478,6 +497,7 @@ class HostMonitor:
     def _publish(self, decision: ThrottleDecision) -> None:
         previous = self._decision
         self._decision = decision
+        self.gate.set_use_gpu(decision.use_gpu)
         if decision.run:
             self.gate.set_duty_cycle(decision.duty_cycle)
             self.gate.open()

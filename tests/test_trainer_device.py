@@ -1,0 +1,164 @@
+"""Where the trainer computes: device choice, bad device names, the GPU gate, and (on CUDA) mixed precision.
+
+The CUDA case runs two real trainers (real QUIC on 127.0.0.1, a host peer that published the run) on the GPU
+with fp16 autocast and a gradient scaler, one with its accumulators offloaded to the CPU: both hold identical
+parameters at every epoch they share and the held-out loss falls. It is marked ``gpu`` and skips without CUDA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from coordinator_free_dht.identity import Identity
+from volunteer.cli import app
+from volunteer.client.status import RoleReport
+from volunteer.client.swarm import Swarm
+from volunteer.client.trainer import Trainer, TrainerConfig, resolve_device
+from volunteer.errors import RunError
+from volunteer.host.monitor import WorkGate
+from volunteer.run.manifest import AveragingSpec, ModelSpec, RunRef, SignedManifest, default_manifest
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def test_auto_picks_cuda_when_present_else_cpu() -> None:
+    expected = torch.device("cuda", 0) if HAS_CUDA else torch.device("cpu")
+    assert resolve_device("auto") == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("gpu", "unknown device 'gpu'"), ("meta", "not supported"), ("cuda:99", "CUDA device")],
+)
+def test_bad_device_names_are_refused(name: str, message: str) -> None:
+    with pytest.raises(RunError, match=message):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    with pytest.raises(RunError, match="no usable CUDA device"):
+        resolve_device("cuda")
+
+
+def test_precision_must_be_known() -> None:
+    with pytest.raises(RunError, match="precision must be one of"):
+        TrainerConfig(precision="int4")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--device", "tpu"], "unknown device"), (["--precision", "fp8"], "precision must be one of")],
+)
+def test_join_refuses_bad_device_options(
+    args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VOLUNTEER_HOME", str(tmp_path))
+    nobody = Identity.generate().peer_id
+    result = CliRunner().invoke(app, ["join", "demo", "--peer", f"quic://127.0.0.1:9/{nobody}", *args])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+async def test_gate_holds_gpu_work_until_allowed() -> None:
+    gate = WorkGate()
+    gate.open()
+    assert gate.use_gpu
+    gate.set_use_gpu(False)
+    waiter = asyncio.create_task(gate.wait_gpu())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    gate.set_use_gpu(True)
+    async with asyncio.timeout(5):
+        await waiter
+    assert gate.use_gpu
+
+
+# --- on a CUDA device -------------------------------------------------------------------------------------
+
+SMALL = {"input_dim": 64, "hidden_dim": 64, "num_layers": 2, "num_classes": 10}
+
+
+def _signed_run(owner: Identity) -> SignedManifest:
+    manifest = default_manifest("gpu-test", "mlp", owner.public_key, seed=5)
+    manifest = replace(
+        manifest,
+        model=ModelSpec("mlp", dict(SMALL)),
+        averaging=AveragingSpec(
+            mode="grad", target_batch_size=512, batch_size=32, matchmaking_time=1.0, min_group_size=2
+        ),
+    )
+    return SignedManifest.sign(manifest, owner)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+async def test_two_gpu_trainers_in_fp16_stay_identical_and_learn(tmp_path: Path) -> None:
+    owner = Identity.from_seed(b"g" * 32)
+    signed = _signed_run(owner)
+    gates = [WorkGate(), WorkGate()]
+    trainers: list[Trainer] = []
+    changed = asyncio.Event()
+
+    def reached(trainer: Trainer) -> int:
+        return trainer.epochs[-1].epoch if trainer.epochs else -1
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            changed.clear()
+            await changed.wait()
+
+    async with contextlib.AsyncExitStack() as stack, asyncio.timeout(240), asyncio.TaskGroup() as tg:
+        host = await stack.enter_async_context(Swarm(owner))
+        assert await host.publish_manifest(signed)
+        tasks = []
+        for index, offload in ((1, False), (2, True)):
+            swarm = await stack.enter_async_context(
+                Swarm(Identity.from_seed(bytes([index]) * 32), bootstrap=host.node.peer_addresses[:1])
+            )
+            found = await swarm.find_manifest(RunRef.parse(signed.manifest.reference))
+            trainer = Trainer(
+                swarm,
+                found.manifest,
+                cache_dir=tmp_path / f"cache{index}",
+                config=TrainerConfig(device="cuda", precision="fp16", offload=offload),
+                on_epoch=lambda _report: changed.set(),
+            )
+            stack.push_async_callback(trainer.aclose)
+            await trainer.prepare()
+            assert trainer.device.type == "cuda"
+            assert trainer.scaler is not None
+            assert trainer.offload is offload
+            gate = gates[index - 1]
+            gate.open()
+            # The second peer may not use its GPU at first: it does no work while the first trains alone.
+            gate.set_use_gpu(index == 1)
+            trainers.append(trainer)
+            tasks.append(tg.create_task(trainer.run(gate, RoleReport())))
+        try:
+            await until(lambda: reached(trainers[0]) >= 2)
+            assert len(trainers[1].epochs) <= 1, "the peer denied its GPU kept training"
+            gates[1].set_use_gpu(True)
+            await until(lambda: min(reached(t) for t in trainers) >= 6)
+        finally:
+            for task in tasks:
+                task.cancel()
+    # Compare the epochs both went through once both trained (the first ones were the first peer's alone).
+    first, second = ({r.epoch: r.param_hash for r in t.epochs} for t in trainers)
+    shared = sorted(epoch for epoch in first.keys() & second.keys() if epoch >= 4)
+    assert len(shared) >= 2
+    for epoch in shared:
+        assert first[epoch] == second[epoch], f"the GPU peers disagree at epoch {epoch}"
+    start = trainers[0].loss_start
+    assert start is not None
+    assert min(p.loss for p in trainers[0].history[1:]) < start
