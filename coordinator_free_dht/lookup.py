@@ -8,7 +8,9 @@ when the driver should call :meth:`Lookup.next_requests` again even if nothing a
 The walk keeps a shortlist ordered by XOR distance to the target and keeps at most ``alpha`` requests
 *active* among the ``k`` closest live candidates. It ends when each of the ``k`` closest candidates has
 answered or failed (section 2.3's termination rule), or, for a value lookup, as soon as a value arrives
-unless ``latest`` asks to keep walking for the newest one.
+unless ``latest`` asks to keep walking for the newest one. A value lookup starts narrow: one request to
+the closest contact (usually a replica), widened to ``alpha`` once anything comes back without the value or
+a short hedge delay passes.
 
 Slow peers: a request older than ``soft_timeout`` stops counting as active, so its slot goes to the next
 candidate, and the slow peer no longer holds up termination; if its reply still arrives before the lookup
@@ -39,6 +41,13 @@ class LookupConfig:
     """Seconds after which an unanswered request frees its slot (its late reply is still used)."""
     max_candidates: int = 200
     """Shortlist bound; the farthest never-queried candidates are dropped beyond it."""
+    value_first_requests: int = 1
+    """A value lookup (not ``latest``) first asks only this many of the closest contacts: the closest one
+    usually holds the value (it is a replica, or it was when the value was stored), and a single request
+    costs both ends a third of three. The full ``alpha`` goes out as soon as a reply arrives without the
+    value, a request fails, or ``value_hedge_delay`` passes (a hedged request)."""
+    value_hedge_delay: float = 0.05
+    """Seconds a value lookup waits on its first ``value_first_requests`` before widening to ``alpha``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +78,13 @@ class Lookup:
     __slots__ = (
         "_addr",
         "_found_at",
+        "_heard",
         "_holders",
         "_hop",
         "_order",
         "_sent",
         "_skip",
+        "_started",
         "_state",
         "config",
         "done",
@@ -106,6 +117,8 @@ class Lookup:
         self._sent: dict[int, float] = {}  # in-flight requests: node id -> time sent
         self._found_at: int | None = None
         self._holders: set[int] = set()
+        self._started = 0.0
+        self._heard = False  # a reply or a failure arrived (ends a value lookup's narrow first round)
         self.entry: Entry | None = None
         self.done = False
         self.messages = 0
@@ -113,6 +126,7 @@ class Lookup:
 
     def start(self, contacts: Iterable[tuple[int, Address]], now: float) -> None:
         """Seed the shortlist with known contacts (usually the routing table's ``nearest``)."""
+        self._started = now
         self._add_candidates(contacts, hop=1)
         if not self._order:
             self.done = True
@@ -125,6 +139,9 @@ class Lookup:
         cutoff = now - config.soft_timeout
         sent = self._sent
         active = sum(1 for t in sent.values() if t > cutoff)
+        alpha = config.alpha
+        if self._narrow(now):
+            alpha = min(alpha, config.value_first_requests)
         state = self._state
         requests: list[tuple[int, Address]] = []
         window = responded = 0
@@ -132,7 +149,7 @@ class Lookup:
             status = state[node_id]
             if status == _FAILED or (status == _IN_FLIGHT and sent[node_id] <= cutoff):
                 continue
-            if status == _UNQUERIED and active < config.alpha:
+            if status == _UNQUERIED and active < alpha:
                 state[node_id] = _IN_FLIGHT
                 sent[node_id] = now
                 requests.append((node_id, self._addr[node_id]))
@@ -153,6 +170,7 @@ class Lookup:
         """``node_id`` answered with its closest ``nodes`` (and, for value lookups, what it holds)."""
         if self.done or self._state.get(node_id) != _IN_FLIGHT:
             return
+        self._heard = True
         self._state[node_id] = _RESPONDED
         del self._sent[node_id]
         if entry is not None and self.want_value:
@@ -172,9 +190,19 @@ class Lookup:
         """The request to ``node_id`` failed for good (RPC deadline, connection refused, error reply)."""
         if self._state.get(node_id) != _IN_FLIGHT:
             return
+        self._heard = True
         self._state[node_id] = _FAILED
         del self._sent[node_id]
         self.failures += 1
+
+    def _narrow(self, now: float) -> bool:
+        """True while a value lookup is in its narrow first round (see ``value_first_requests``)."""
+        return (
+            self.want_value
+            and not self.latest
+            and not self._heard
+            and now < self._started + self.config.value_hedge_delay
+        )
 
     def get_timer(self, now: float) -> float | None:
         """When the next in-flight request passes its soft timeout (call :meth:`next_requests` then)."""
@@ -182,6 +210,8 @@ class Lookup:
             return None
         soft = self.config.soft_timeout
         pending = [t + soft for t in self._sent.values() if t + soft > now]
+        if self._narrow(now):
+            pending.append(self._started + self.config.value_hedge_delay)
         return min(pending) if pending else None
 
     def in_flight(self) -> list[int]:

@@ -96,11 +96,12 @@ class NodeConfig:
     """Seconds before the second bootstrap round; doubles each round."""
     store_lookup_k: int | None = None
     """A store's node lookup ends once this many closest nodes answered (None: ``num_replicas``)."""
-    optimistic_store: bool = False
+    optimistic_store: bool = True
     """Send a store's records with its lookup's FINDs (``protocol.py``, "optimistic store"): one round of
-    requests per store instead of two (about half the requests and latency), at the price of a copy at each
-    peer the lookup asked that turns out not to be among the ``num_replicas`` nearest (it expires like a
-    cached copy). Off: exactly ``num_replicas`` copies."""
+    requests per store instead of two (about half the requests and latency). A peer keeps them only if its
+    own table says it is one of the ``num_replicas`` nearest, so an extra copy (expiring like a cached one)
+    is left only where that table missed nearer nodes. Off: a node lookup, then STORE to exactly the
+    ``num_replicas`` nearest."""
     join_refreshes: int = 2
     """After the lookup of our own id, lookups of random ids in this many of the farthest buckets."""
     maintenance_interval: float = 60.0
@@ -544,7 +545,8 @@ class DHTNode:
                 stored = protocol.find_reply_stored(reply, len(carried))
                 if stored is not None:
                     for j, ok in zip(carried, stored, strict=True):
-                        piggyback.acks[(node_id, j)] = ok
+                        if ok is not None:  # None: declined (not a replica by its table), STORE it if chosen
+                            piggyback.acks[(node_id, j)] = ok
         except DHTError as exc:
             self._failed(node_id, exc)
             for index in indices:

@@ -23,11 +23,13 @@ is the concatenation of the nearest nodes' 32-byte ids, addrs their addresses in
 expiration, sig], ...]]`` (dictionary); ``{"t", "stored": [bool, ...], "reasons": [str, ...]}`` for store.
 
 Optimistic store: a FIND may carry ``records`` (optional, as in STORE) for the keys it asks about; the peer
-stores them as a STORE would and adds ``stored`` and ``reasons`` to its FIND reply. A store's node lookup
-sends its records with every FIND, so the replicas the lookup confirms already hold them and a store costs
-one round of requests instead of a lookup round plus a STORE round (the idea of libp2p's "optimistic
-provide"). A peer that asked but turned out not to be among the nearest keeps a copy that simply expires,
-like a cached one. A peer that ignores the field gets a plain STORE after the lookup.
+stores those whose key it is a replica of by its own table's knowledge (fewer than ``num_replicas`` known
+nodes nearer to the key) as a STORE would, and adds ``stored`` (true, false, or null for declined) and
+``reasons`` to its FIND reply. A store's node lookup sends its records with every FIND, so the replicas the
+lookup confirms already hold them and a store costs one round of requests instead of a lookup round plus a
+STORE round (the idea of libp2p's "optimistic provide"). A peer that declined, or ignored the field, gets a
+plain STORE after the lookup if it is among the nearest; an extra copy is left only where the asked peer's
+own table missed nearer nodes (it expires like a cached copy).
 
 Clocks: every message carries its sender's wall time, so each contact measures the offset between the two
 clocks (section 2.5's expirations are absolute); a peer off by more than ``max_clock_offset`` is refused
@@ -312,12 +314,35 @@ class DHTProtocol:
             results.append([ids, addresses, wire_entry])
         reply: dict[str, Any] = {"results": results}
         if "records" in request:
-            records = self._parse_records(request["records"])
-            try:
-                reply.update(self._store_records(sender_id, records, now))
-            except StoreRejectedError as exc:  # over the rate limit: the FIND is still answered
-                reply.update(stored=[False] * len(records), reasons=[f"{type(exc).__name__}: {exc}"] * len(records))
+            reply.update(self._store_optimistic(sender_id, self._parse_records(request["records"]), now))
         return reply
+
+    def _store_optimistic(self, sender_id: int, records: list[DHTRecord], now: float) -> dict[str, Any]:
+        """Store the records a FIND carried, but only those whose key this node is a replica of as far as its
+        own table knows (fewer than ``num_replicas`` known nodes nearer to the key): a FIND sent early in a
+        lookup to a node farther away leaves no copy there. The others answer ``None`` (declined), so the
+        writer sends them a plain STORE if the finished lookup does pick this node after all."""
+        accepted = [i for i, record in enumerate(records) if self.is_replica(key_id_from_packed(record.key))]
+        stored: list[bool | None] = [None] * len(records)
+        reasons = ["declined: this node knows num_replicas nodes nearer to the key"] * len(records)
+        if accepted:
+            try:
+                outcome = self._store_records(sender_id, [records[i] for i in accepted], now)
+            except StoreRejectedError as exc:  # over the rate limit: the FIND is still answered
+                outcome = {
+                    "stored": [False] * len(accepted),
+                    "reasons": [f"{type(exc).__name__}: {exc}"] * len(accepted),
+                }
+            for i, ok, reason in zip(accepted, outcome["stored"], outcome["reasons"], strict=True):
+                stored[i], reasons[i] = ok, reason
+        return {"stored": stored, "reasons": reasons}
+
+    def is_replica(self, key_id: int) -> bool:
+        """True if fewer than ``num_replicas`` contacts in our table are nearer to ``key_id`` than we are."""
+        replicas = self.config.num_replicas
+        own_distance = self.node_id ^ key_id
+        nearest = self.table.nearest(key_id, replicas)
+        return len(nearest) < replicas or nearest[-1][0] ^ key_id > own_distance
 
     def _handle_store(self, sender_id: int, request: dict[Any, Any], now: float) -> dict[str, Any]:
         return self._store_records(sender_id, self._parse_records(request.get("records")), now)
@@ -438,14 +463,20 @@ class DHTProtocol:
             parsed.append(FindResult(nodes, entry))
         return parsed
 
-    def find_reply_stored(self, reply: object, count: int) -> list[bool] | None:
-        """Which of the ``count`` records sent with a FIND (optimistic store) the peer stored; None if its
-        reply says nothing about them (it ignored the field). Call after :meth:`on_find_reply` accepted it."""
+    def find_reply_stored(self, reply: object, count: int) -> list[bool | None] | None:
+        """Which of the ``count`` records sent with a FIND (optimistic store) the peer stored: True, False
+        (refused or older), or None (declined: the peer knows ``num_replicas`` nodes nearer to the key). None
+        for the whole list if its reply says nothing about them (it ignored the field). Call after
+        :meth:`on_find_reply` accepted the reply."""
         stored = reply.get("stored") if type(reply) is dict else None
         if stored is None:
             return None
-        if type(stored) is not list or len(stored) != count or any(type(s) is not bool for s in stored):
-            raise DHTProtocolError(f"a FIND reply stores one bool per record sent ({count})")
+        if (
+            type(stored) is not list
+            or len(stored) != count
+            or any(s is not None and type(s) is not bool for s in stored)
+        ):
+            raise DHTProtocolError(f"a FIND reply stores one bool (or null) per record sent ({count})")
         return stored
 
     def on_store_reply(

@@ -13,7 +13,7 @@ JSON lines; latencies are measured inside the node's process, so they exclude th
 
     python scripts/bench_dht.py --nodes 16
     python scripts/bench_dht.py --nodes 64 --processes
-    python scripts/bench_dht.py --nodes 16 --optimistic-store   # NodeConfig.optimistic_store (off by default)
+    python scripts/bench_dht.py --nodes 16 --no-optimistic-store   # lookup, then STORE (two rounds per store)
 """
 
 from __future__ import annotations
@@ -237,8 +237,7 @@ async def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
 
     async def spawn(bootstrap: str | None) -> WorkerHandle:
         command = [sys.executable, script, "--worker"]
-        if args.optimistic_store:
-            command.append("--optimistic-store")
+        command.append("--optimistic-store" if args.optimistic_store else "--no-optimistic-store")
         if bootstrap:
             command += ["--bootstrap", bootstrap]
         proc = await asyncio.create_subprocess_exec(
@@ -298,7 +297,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="operations in flight in the concurrent phase")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--optimistic-store", action="store_true", help="stores send their records with the lookup's FINDs"
+        "--optimistic-store",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stores send their records with the lookup's FINDs (NodeConfig.optimistic_store, on by default)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", default=None, help=argparse.SUPPRESS)

@@ -151,3 +151,31 @@ def test_empty_start_finishes_at_once() -> None:
     assert lookup.done
     assert lookup.next_requests(0.0) == []
     assert lookup.result().nearest == []
+
+
+def test_value_lookup_asks_the_closest_first_then_widens() -> None:
+    tables = _network(100, seed=4)
+    target = random.Random(6).getrandbits(ID_BITS)
+    origin = tables[_true_nearest(tables, target)[-1]]
+    config = LookupConfig(k=K, alpha=3, value_first_requests=1, value_hedge_delay=0.05)
+
+    lookup = Lookup(target, want_value=True, config=config)
+    lookup.start(origin.nearest(target, K), now=0.0)
+    first = lookup.next_requests(0.0)
+    assert len(first) == 1
+    assert first[0][0] == min((i for i, _ in origin.nearest(target, K)), key=lambda i: i ^ target)
+    assert lookup.next_requests(0.01) == []
+    assert lookup.get_timer(0.01) == 0.05
+    # No value in that reply: the full alpha goes out.
+    lookup.on_reply(first[0][0], tables[first[0][0]].nearest(target, K), None, 0.02)
+    assert len(lookup.next_requests(0.02)) == 3
+
+    # A first request that stays unanswered is hedged after value_hedge_delay.
+    hedged = Lookup(target, want_value=True, config=config)
+    hedged.start(origin.nearest(target, K), now=0.0)
+    assert len(hedged.next_requests(0.0)) == 1
+    assert len(hedged.next_requests(0.05)) == 2
+    # Node lookups and latest=True value lookups use the full alpha from the start.
+    for lookup in (Lookup(target, config=config), Lookup(target, want_value=True, latest=True, config=config)):
+        lookup.start(origin.nearest(target, K), now=0.0)
+        assert len(lookup.next_requests(0.0)) == 3

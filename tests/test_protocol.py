@@ -252,3 +252,24 @@ def test_find_with_records_stores_them_and_answers_the_find() -> None:
     # Malformed records fail the request like a bad STORE does.
     bad = {**_wire(client.make_find([key_id("a")], False, NOW)), "records": "nope"}
     assert "error" in server.handle_request(client.node_id, bad, NOW)
+
+
+def test_find_with_records_is_declined_by_a_node_that_knows_nearer_replicas() -> None:
+    target = key_id("far-key")
+    # The server is far from the key and knows num_replicas nodes nearer to it than itself.
+    server = _node(target ^ (1 << 255), "server", num_replicas=2)
+    client = _node(target ^ (1 << 255) ^ 1, "client")  # farther from the key than the server
+    for offset in (1, 2):
+        server.saw(target ^ offset, f"near{offset}", NOW)
+    assert not server.is_replica(target)
+    find = _wire(client.make_find([target], False, NOW, [_record("far-key", 1)]))
+    reply = _wire(server.handle_request(client.node_id, find, NOW))
+    assert client.find_reply_stored(reply, 1) == [None]
+    assert "declined" in reply["reasons"][0]
+    assert server.get_local(target, NOW) is None
+    # Once it is among the num_replicas nearest it knows of, it stores what a FIND carries.
+    server.table.remove(target ^ 2)
+    assert server.is_replica(target)
+    reply = _wire(server.handle_request(client.node_id, find, NOW))
+    assert client.find_reply_stored(reply, 1) == [True]
+    assert server.get_local(target, NOW) is not None
