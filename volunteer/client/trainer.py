@@ -13,10 +13,14 @@ clear error before the runtime starts. :meth:`Trainer.run` then:
    forward and backward off the event loop (``asyncio.to_thread``), then ``await opt.step(samples)``, which
    averages and steps when the swarm has reached the target batch;
 3. on a GPU (``TrainerConfig.device``, ``auto`` picks CUDA when there is one): the model and every batch live
-   on the GPU, forward runs under autocast (fp16 with a ``torch.amp.GradScaler`` that the optimizer unscales,
-   skipping batches that overflowed; or bf16), and the gradient accumulators / DiLoCo anchor move to the CPU
-   when the model's training state would take a large share of the GPU's memory (``offload``). GPU units run
-   only while the preferences allow the GPU in the current situation (``gate.use_gpu``); otherwise the trainer
+   on the GPU and forward runs under autocast (fp16 with a ``torch.amp.GradScaler``, batches whose gradients
+   overflowed are skipped; or bf16). By default the optimizer state is offloaded (``offload``): fp32 master
+   parameters, the optimizer's moments and the gradient accumulators live on the CPU, the unscaled gradients are
+   copied there after each unit, the optimizer steps there and the GPU model is refreshed from the master
+   parameters whenever they change. That saves GPU memory and makes a GPU peer's update the very same
+   arithmetic as a CPU peer's, so a swarm of mixed machines holds identical parameters (stepping on the GPU,
+   ``offload=False``, is faster for large models but rounds differently from CPU peers). GPU units run only
+   while the preferences allow the GPU in the current situation (``gate.use_gpu``); otherwise the trainer
    waits, says why, and the swarm goes on without it;
 4. reports loss (on a fixed held-out batch, the same on every peer, at every new epoch), samples/s, epoch and
    peers into the :class:`~volunteer.client.status.RoleReport`, and as a :class:`Progress` to an optional
@@ -65,9 +69,6 @@ GROUP_SECONDS = 0.02
 """Gradient mode: compute time one worker-thread call aims at (tiny steps are grouped up to it)."""
 MAX_GROUP = 16
 """Most batches in one group."""
-OFFLOAD_SHARE = 0.25
-"""``offload=None``: offload when parameters, gradients, optimizer state and accumulators would take more than
-this share of the GPU's memory."""
 GPU_WAIT_S = 5.0
 """Seconds between checks while the preferences forbid the GPU."""
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -89,8 +90,9 @@ class TrainerConfig:
     precision: str = "auto"
     """GPU arithmetic: ``auto``/``fp16`` (autocast to float16 with a gradient scaler), ``bf16`` (autocast to
     bfloat16, no scaler), ``fp32``. The CPU always trains in fp32. Parameters stay fp32 everywhere."""
-    offload: bool | None = None
-    """Keep gradient accumulators / the DiLoCo anchor on the CPU; ``None`` decides by GPU memory."""
+    offload: bool = True
+    """GPU only: keep master parameters, optimizer state and accumulators on the CPU and step there (see the
+    module docstring); ``False`` keeps everything on the GPU."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -219,7 +221,11 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = None
         """The fp16 gradient scaler (``None`` unless training in fp16)."""
         self.offload = False
-        """Whether the optimizer keeps its accumulators on the CPU."""
+        """Whether the optimizer state lives on the CPU (a GPU peer with :attr:`master` parameters)."""
+        self.master: list[nn.Parameter] = []
+        """Offloaded: the fp32 master parameters on the CPU the optimizer trains (the model is refreshed from
+        them)."""
+        self._grad_holder: torch.optim.Optimizer | None = None
 
     @property
     def task(self) -> Task:
@@ -259,15 +265,14 @@ class Trainer:
             if not torch.cuda.is_bf16_supported():
                 raise RunError(f"{self.device} does not support bfloat16: use --precision fp16 or fp32")
             self.amp_dtype = torch.bfloat16
-        offload = self.config.offload
-        if offload is None:
-            # fp32 parameters, gradients, two optimizer moments and the accumulators (or anchor).
-            need = 5 * 4 * sum(p.numel() for p in model.parameters())
-            _free, total = torch.cuda.mem_get_info(self.device)
-            offload = need > OFFLOAD_SHARE * total
-        self.offload = offload
+        self.offload = offload = self.config.offload
+        if offload:
+            self.master = [nn.Parameter(p.detach().to("cpu", copy=True)) for p in model.parameters()]
+            if self.scaler is not None:
+                # The scaler unscales the GPU gradients through an optimizer that never steps.
+                self._grad_holder = torch.optim.SGD(model.parameters(), lr=0.0)
         log.info(
-            "training on %s (%s), optimizer accumulators on %s",
+            "training on %s (%s), optimizer state on %s",
             torch.cuda.get_device_name(self.device),
             "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
             "the CPU" if offload else "the GPU",
@@ -295,7 +300,29 @@ class Trainer:
                 weighted = self.scaler.scale(weighted)
             weighted.backward()  # type: ignore[no-untyped-call]
             losses.append(loss.detach())
+        if self.master:
+            self._grads_to_master()
         return [float(x) for x in losses]
+
+    def _grads_to_master(self) -> None:
+        """Offloaded: unscale the GPU gradients, move them to the master parameters, update the scale."""
+        assert self._model is not None
+        if self.scaler is not None:
+            assert self._grad_holder is not None
+            self.scaler.unscale_(self._grad_holder)
+        for master, p in zip(self.master, self._model.parameters(), strict=True):
+            master.grad = None if p.grad is None else p.grad.to("cpu", torch.float32)
+            p.grad = None
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def _master_to_model(self) -> None:
+        """Offloaded: copy the master parameters (after a step or a state download) into the GPU model."""
+        assert self._model is not None
+        with torch.no_grad():
+            for master, p in zip(self.master, self._model.parameters(), strict=True):
+                p.copy_(master, non_blocking=True)
+        torch.cuda.synchronize(self.device)
 
     def _group_size(self, seconds_per_batch: float | None) -> int:
         """Batches per worker-thread call: in gradient mode, enough for ~:data:`GROUP_SECONDS` of compute (one
@@ -326,20 +353,23 @@ class Trainer:
         m = self.manifest
         report.run, report.role = m.reference, self.name
         report.state, report.reason = "training", "downloading the current state from peers"
-        inner = build_optimizer(m.optimizer, self._model.parameters())
+        trained: nn.Module | list[nn.Parameter] = self.master or self._model
+        inner = build_optimizer(m.optimizer, self.master or self._model.parameters())
         scheduler = build_scheduler(m.optimizer, inner)
         opt = CollaborativeOptimizer(
-            self._model,
+            trained,
             inner,
             scheduler,
             node=self.swarm.node,
             rpc=self.swarm.rpc,
             run_id=run_id(m),
-            config=CollaborativeConfig.from_spec(m.averaging, offload=self.offload),
-            scaler=self.scaler,
+            config=CollaborativeConfig.from_spec(m.averaging),
+            scaler=None if self.master else self.scaler,
         )
         async with opt:
             await opt.load_state_from_peers()
+            if self.master:
+                await asyncio.to_thread(self._master_to_model)
             await self._loop(opt, gate, report)
 
     async def _loop(self, opt: Any, gate: Gate, report: RoleReport) -> None:
@@ -358,6 +388,7 @@ class Trainer:
         first = self._first
         self._first = None
         per_batch: float | None = None
+        synced = self._changes(opt)
         while self.config.max_seconds is None or self._clock() - started < self.config.max_seconds:
             if self.device.type == "cuda" and not gate.use_gpu:
                 await self._wait_for_gpu(gate, report)
@@ -373,6 +404,9 @@ class Trainer:
                 per_batch = computed if per_batch is None else 0.8 * per_batch + 0.2 * computed
                 size = sum(b.size for b in batches)
                 await opt.step(size)
+                if self.master and (self.manifest.averaging.mode == "local" or synced != self._changes(opt)):
+                    await asyncio.to_thread(self._master_to_model)
+                    synced = self._changes(opt)
                 samples += size
                 window_samples += size
                 report.add_work(samples=size, seconds=self._clock() - step_started)
@@ -390,6 +424,11 @@ class Trainer:
             loss = await asyncio.to_thread(self._evaluate)
         now = self._clock()
         self._emit(opt, report, now - started, samples, samples / max(now - started, 1e-9), loss, train_losses)
+
+    @staticmethod
+    def _changes(opt: Any) -> tuple[int, int]:
+        """What moves when the optimizer changed the parameters outside an inner step."""
+        return (opt.epoch, opt.stats.state_downloads)
 
     async def _wait_for_gpu(self, gate: Gate, report: RoleReport) -> None:
         """Hold GPU work while the preferences forbid the GPU (averaging and serving state go on)."""
