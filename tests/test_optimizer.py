@@ -281,28 +281,28 @@ async def test_local_mode_peers_identical_after_each_outer_step() -> None:
 @virtual_time
 async def test_failed_round_falls_back_to_the_local_update_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     """Groups need 3 peers but only 2 train: every round fails, each peer steps with its own gradient, the
-    failure is logged and counted, and training goes on; afterwards the peers resynchronise."""
+    failure is logged and counted, and training goes on. Before the epoch counts, the two find that nobody
+    is in sync, agree on one of their states (the digest of the smallest peer id) and the other downloads it,
+    so both report every epoch with the same parameters."""
     record: dict[int, dict[int, torch.Tensor]] = {}
     strict = dataclasses.replace(config(target=64), min_group_size=3, max_group_size=4)
-    with caplog.at_level(logging.WARNING, logger="volunteer.optim.optimizer"):
+    with caplog.at_level(logging.INFO, logger="volunteer.optim.optimizer"):
         async with swarm(2, strict) as (_, peers, _add):
             async with asyncio.timeout(300):
                 await asyncio.gather(*(train(p, i, 3, 16, record) for i, p in enumerate(peers)))
-                # Resynchronisation: with no peer in sync, both agree on one reference state.
-                while not all(p.opt.in_sync for p in peers):
-                    await asyncio.sleep(1.0)
-                    for p in peers:
-                        await p.opt.step(0)
-                resynced = [flat(p.model) for p in peers]
+            assert all(p.opt.in_sync for p in peers)
             stats = [p.opt.stats for p in peers]
-    torch.testing.assert_close(resynced[0], resynced[1], rtol=0, atol=0)
     # A peer may reach an epoch by downloading the other's state instead of failing its own round.
-    assert all(s.rounds_complete == 0 and s.rounds_failed >= 2 for s in stats)
-    assert sum(s.rounds_failed for s in stats) >= 5
+    assert all(s.rounds_complete == 0 and s.rounds_failed >= 1 for s in stats)
+    assert sum(s.rounds_failed for s in stats) >= 4
+    assert sum(s.state_downloads for s in stats) >= 3
     assert "applied the local update instead" in caplog.text
-    # Each stepped with its own data after a failed round: the peers differed, and moved off the start.
-    assert any(not torch.equal(r[0], r[1]) for r in record.values() if len(r) == 2)
-    assert not torch.equal(resynced[0], flat(make_model(0)))
+    assert "our state is the swarm's" in caplog.text
+    for epoch, by_peer in record.items():
+        assert len(by_peer) == 2, f"epoch {epoch}"
+        torch.testing.assert_close(by_peer[0], by_peer[1], rtol=0, atol=0)
+    # The local updates moved the parameters off the start.
+    assert not torch.equal(record[3][0], flat(make_model(0)))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -11,6 +11,10 @@ donor serves more and no single donor is swamped (the predecessor sent every new
   the part goes back to the queue for another donor.
 - A donor that dies, stalls (``part_timeout``) or refuses because it is busy (``max_concurrent`` downloads
   at once) is dropped; its parts go back to the queue.
+- Every snapshot has a :attr:`StateServer.digest` (over its tensors' layout and every part's SHA-256, so two
+  peers with the same digest hold bit-identical states); the manifest carries it, and a download may ask for
+  one digest only (``StateDownload.run(..., digest=...)``): donors serving another state are not used. Peers
+  publish the digest in their progress records to notice that they diverged.
 - The download is resumable: parts already verified are kept in the :class:`StateDownload`; if every donor
   failed, :meth:`StateDownload.run` raises :class:`~volunteer.errors.StateSyncError` and a later call with
   new donors fetches only the missing parts.
@@ -46,6 +50,7 @@ __all__ = [
     "SyncConfig",
     "advertise_state",
     "find_donors",
+    "state_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +59,7 @@ MANIFEST_METHOD = "state.manifest"
 DOWNLOAD_METHOD = "state.download"
 _MAX_PARTS = 1 << 20
 _MAX_METADATA = 64 * 1024
+_DIGEST_BYTES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +124,7 @@ class StateServer:
         self.config = config or SyncConfig()
         self._snapshot: StateSnapshot | None = None
         self._manifest: dict[str, Any] | None = None
+        self._digest = b""
         self._flat: list[torch.Tensor] = []
         self._active = 0
         self.served_parts = 0
@@ -130,6 +137,12 @@ class StateServer:
         """The epoch of the published snapshot, if any."""
         return self._snapshot.epoch if self._snapshot is not None else None
 
+    @property
+    def digest(self) -> bytes:
+        """The digest of the published snapshot's tensors (empty before the first): equal digests, equal
+        tensors (shapes, dtypes and every byte)."""
+        return self._digest
+
     async def publish(self, snapshot: StateSnapshot) -> None:
         """Serve ``snapshot`` from now on (hashes its parts in a worker thread)."""
         flat = [t.detach().cpu().contiguous().reshape(-1) for t in snapshot.tensors]
@@ -139,12 +152,17 @@ class StateServer:
             return [_digest(flat[i][s:e]) for i, s, e in parts]
 
         digests = await asyncio.to_thread(hashes)
+        layout = [[dtype_name(t.dtype), list(t.shape)] for t in snapshot.tensors]
+        part_refs = [[i, s, e, d] for (i, s, e), d in zip(parts, digests, strict=True)]
+        digest = state_digest(layout, part_refs)
         self._manifest = {
             "epoch": snapshot.epoch,
             "metadata": dict(snapshot.metadata),
-            "tensors": [[dtype_name(t.dtype), list(t.shape)] for t in snapshot.tensors],
-            "parts": [[i, s, e, d] for (i, s, e), d in zip(parts, digests, strict=True)],
+            "tensors": layout,
+            "parts": part_refs,
+            "digest": digest,
         }
+        self._digest = digest
         self._snapshot = snapshot
         self._flat = flat
 
@@ -194,6 +212,16 @@ class DownloadedState:
     """How many parts each donor (peer id text) delivered: how the load was spread."""
 
 
+def state_digest(layout: Sequence[Sequence[Any]], parts: Sequence[Sequence[Any]]) -> bytes:
+    """The digest of a state from its manifest's tensor layout and part list (with each part's SHA-256)."""
+    h = hashlib.blake2b(digest_size=_DIGEST_BYTES)
+    h.update(repr([[str(dtype), [int(d) for d in shape]] for dtype, shape in layout]).encode())
+    for ref in parts:
+        h.update(repr([int(x) for x in ref[:3]]).encode())
+        h.update(bytes(ref[3]))
+    return h.digest()
+
+
 class StateDownload:
     """One resumable download of the newest state (see the module docstring)."""
 
@@ -218,12 +246,18 @@ class StateDownload:
         """Parts not downloaded yet."""
         return len(self._manifest_parts) - len(self._done)
 
-    async def run(self, donors: Sequence[PeerInfo]) -> DownloadedState:
+    async def run(self, donors: Sequence[PeerInfo], *, digest: bytes | None = None) -> DownloadedState:
         """Download (or resume downloading) from ``donors``; raises :class:`StateSyncError` if it cannot
-        finish. Donors with an older epoch than the newest one found are not used."""
+        finish. Donors with an older epoch than the newest one found are not used; with ``digest``, only
+        donors serving the state of that digest are used."""
         if not donors:
             raise StateSyncError("no donors to download the state from")
         manifests = await self._manifests(donors)
+        if digest is not None:
+            for peer, m in manifests:
+                if m["digest"] != digest:
+                    self.failures[str(peer.peer_id)] = "it serves another state than the one wanted"
+            manifests = [(peer, m) for peer, m in manifests if m["digest"] == digest]
         if not manifests:
             raise StateSyncError("no donor sent a usable manifest: " + "; ".join(self.failures.values()))
         best = max(m["epoch"] for _, m in manifests)
@@ -304,6 +338,8 @@ class StateDownload:
             covered[ref[0]] = ref[2]
         if covered != numels:
             raise StateSyncError("a manifest's parts do not cover its tensors")
+        if manifest.get("digest") != state_digest(tensors, parts):
+            raise StateSyncError("a manifest's digest does not match its parts")
 
     def _start(self, manifest: dict[str, Any]) -> None:
         self.epoch = manifest["epoch"]

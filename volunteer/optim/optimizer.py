@@ -64,9 +64,10 @@ import torch
 from torch import nn
 
 from coordinator_free_dht.errors import DHTError
+from coordinator_free_dht.identity import PeerID
 from coordinator_free_dht.net.rpc import RPC, PeerInfo
 from coordinator_free_dht.node import DHTNode
-from volunteer.averaging.averager import Averager, AveragerConfig, AveragingResult, RoundStatus
+from volunteer.averaging.averager import Averager, AveragerConfig, AveragingResult, Group, RoundStatus
 from volunteer.averaging.matchmaking import FormedGroup, Matchmaker, MatchmakingConfig, ReadyInfo
 from volunteer.averaging.state_sync import (
     StateDownload,
@@ -77,7 +78,14 @@ from volunteer.averaging.state_sync import (
     find_donors,
 )
 from volunteer.errors import AveragingError, MatchmakingError, OptimError, StateSyncError
-from volunteer.optim.progress import GlobalProgress, LocalProgress, ProgressConfig, ProgressTracker
+from volunteer.optim.progress import (
+    GlobalProgress,
+    LocalProgress,
+    ProgressConfig,
+    ProgressTracker,
+    canonical_state,
+    settled,
+)
 from volunteer.tensors.adaptive import AdaptiveCompression, TensorRole
 from volunteer.tensors.codecs import CodecId, Compression
 
@@ -132,6 +140,11 @@ class CollaborativeConfig:
     """State download settings."""
     state_ttl: float = 60.0
     """Seconds a state advertisement stays in the DHT (republished at half that)."""
+    resync_timeout: float = 15.0
+    """Seconds a peer that may have diverged (its round failed or was partial, or its group left out peers
+    of its epoch) waits, before its step returns, until the swarm's state for its new epoch is decided and
+    downloaded if it is not ours. Past that it reports the epoch out of sync and keeps checking at later
+    steps."""
     overlap_matchmaking: bool = True
     """When the swarm reaches the target before our group is formed, keep training (those batches count
     towards this epoch) instead of waiting for the matchmaking window to end."""
@@ -146,7 +159,16 @@ class CollaborativeConfig:
             raise OptimError("target_batch_size must be at least 1")
         if not 1 <= self.min_group_size <= self.max_group_size:
             raise OptimError("need 1 <= min_group_size <= max_group_size")
-        if min(self.matchmaking_time, self.allreduce_timeout, self.state_sync_timeout, self.epoch_timeout) <= 0:
+        if (
+            min(
+                self.matchmaking_time,
+                self.allreduce_timeout,
+                self.state_sync_timeout,
+                self.epoch_timeout,
+                self.resync_timeout,
+            )
+            <= 0
+        ):
             raise OptimError("every time limit must be positive")
         if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
             raise OptimError("outer_lr must be positive and outer_momentum in [0, 1)")
@@ -298,7 +320,8 @@ class CollaborativeOptimizer:
         self._background: list[asyncio.Task[None]] = []
         self._round_lock = asyncio.Lock()
         self._in_sync = True
-        self._next_resync = -math.inf
+        self._next_check = -math.inf
+        self._suspects: frozenset[PeerID] = frozenset()
 
     # --- lifetime ----------------------------------------------------------------------------------------
 
@@ -357,8 +380,8 @@ class CollaborativeOptimizer:
         view = await self._maybe_refresh()
         if view.epoch > self.epoch:
             return await self._catch_up(view)
-        if not self._in_sync and self.clock.time() >= self._next_resync:
-            await self._resync()
+        if self.clock.time() >= self._next_check:
+            await self._check_sync(view)
         if view.ready:
             self._start_matchmaking()
             pending = self._matchmaking if self._matchmaking_epoch == self.epoch else None
@@ -398,7 +421,8 @@ class CollaborativeOptimizer:
     async def load_state_from_peers(self, *, newer_only: bool = False) -> bool:
         """Download parameters, optimizer state and epoch from the peers with the newest state. False if no
         donor has a state as new as ours (``newer_only``: newer than ours) or every donor failed (logged);
-        never raises for network faults."""
+        never raises for network faults. Where the progress records show which state the peers in sync
+        hold at that epoch (:func:`~volunteer.optim.progress.canonical_state`), only that state is taken."""
         try:
             donors = await find_donors(self.node, self.run_id)
         except DHTError as exc:
@@ -407,21 +431,26 @@ class CollaborativeOptimizer:
         if not donors or donors[0][0] < self.epoch or (newer_only and donors[0][0] == self.epoch):
             return False
         newest = donors[0][0]
-        return await self._download([peer for epoch, peer in donors if epoch == newest])
+        view = self._view or await self._refresh()
+        canonical = canonical_state([r for r in view.records if r.in_sync], newest)
+        digest = canonical[0] if canonical is not None else None
+        return await self._download([peer for epoch, peer in donors if epoch == newest], digest=digest)
 
     @property
     def in_sync(self) -> bool:
-        """False after a failed or partial round (our parameters may differ from the swarm's) until a
-        resynchronisation downloaded the state of an in-sync peer (see :meth:`_resync`)."""
+        """False while this peer knows or suspects that its state differs from the swarm's: after a failed
+        or partial round, or a round whose group left out peers of its epoch, until the swarm's state for
+        the epoch is decided (from the digests in the progress records) and, if it is not ours, downloaded;
+        also when a peer in sync sees that the peers in sync hold another state than it does."""
         return self._in_sync
 
-    async def _download(self, peers: list[PeerInfo], *, in_sync: bool = True) -> bool:
+    async def _download(self, peers: list[PeerInfo], *, in_sync: bool = True, digest: bytes | None = None) -> bool:
         download = StateDownload(self.rpc, self.config.sync, rng=random.Random(self.rng.random()))
         try:
             async with asyncio.timeout(self.config.state_sync_timeout):
                 for attempt in range(_DOWNLOAD_ATTEMPTS):
                     try:
-                        state = await download.run(peers)
+                        state = await download.run(peers, digest=digest)
                         break
                     except StateSyncError as exc:
                         # Donors that moved to a newer epoch mid-download refuse the old one; a new attempt
@@ -440,6 +469,7 @@ class CollaborativeOptimizer:
         self.stats.state_downloads += 1
         logger.info("downloaded the state of epoch %d from %d donor(s)", state.epoch, len(peers))
         self._in_sync = in_sync
+        self._drop_matchmaking_of_other_epochs()
         await self._publish_state()
         await self._publish()
         return True
@@ -499,8 +529,15 @@ class CollaborativeOptimizer:
     # --- progress ----------------------------------------------------------------------------------------
 
     async def _publish(self) -> None:
+        digest = self.state_server.digest if self.state_server.epoch == self.epoch else b""
         record = LocalProgress(
-            self.node.peer_id, self.epoch, self._local_samples, self.stats.samples_per_second, self.clock.time()
+            self.node.peer_id,
+            self.epoch,
+            self._local_samples,
+            self.stats.samples_per_second,
+            self.clock.time(),
+            self._in_sync,
+            digest,
         )
         await self.tracker.publish(record)
 
@@ -550,26 +587,87 @@ class CollaborativeOptimizer:
         except DHTError as exc:
             logger.info("could not advertise our state: %s", exc)
 
-    async def _resync(self) -> None:
-        """After a failed or partial round: download the state of a peer in sync with the swarm at our
-        epoch or later. If there is none (every peer's round failed), the out-of-sync peers of our epoch
-        agree on one of them, the smallest peer id, whose state becomes the reference: it declares itself in
-        sync and the others download from it."""
-        self._next_resync = self.clock.time() + self.tracker.refresh_interval()
-        if await self.load_state_from_peers():
-            return
-        try:
-            unsynced = await find_donors(self.node, f"{self.run_id}/unsynced")
-        except DHTError as exc:
-            logger.info("could not look up out-of-sync peers: %s", exc)
-            return
-        others = [peer for epoch, peer in unsynced if epoch == self.epoch]
-        if not others or min(p.peer_id.digest for p in others) > self.node.peer_id.digest:
-            logger.info("epoch %d: no peer in sync; our state is the reference now", self.epoch)
-            self._in_sync = True
+    async def _check_sync(self, view: GlobalProgress) -> bool:
+        """Compare our state with the swarm's for our epoch (see :func:`canonical_state`) once that epoch is
+        settled: in sync if we hold it, else download it from its holders. True if we are in sync after."""
+        self._next_check = self.clock.time() + self.tracker.refresh_interval(view)
+        if view.epoch != self.epoch or not settled(view.records, self.epoch, self._ignored(view)):
+            return self._in_sync
+        canonical = canonical_state(view.records, self.epoch)
+        mine = self.state_server.digest if self.state_server.epoch == self.epoch else b""
+        if canonical is None or not mine:
+            return self._in_sync
+        digest, holders = canonical
+        if digest == mine:
+            if not self._in_sync:
+                others = len(holders) - (self.node.peer_id in holders)
+                logger.info(
+                    "epoch %d: our state is the swarm's (held by %d other peer(s) in its epoch); in sync again",
+                    self.epoch,
+                    others,
+                )
+                self._in_sync = True
+                await self._advertise()
+                await self._publish()
+            return True
+        if self._in_sync:
+            logger.warning(
+                "epoch %d: the swarm holds another state than ours (%d peer(s) hold it); out of sync, downloading it",
+                self.epoch,
+                len(holders),
+            )
+            self._in_sync = False
             await self._advertise()
-            return
-        await self._download([min(others, key=lambda p: p.peer_id.digest)])
+            await self._publish()
+        return await self._download_from(holders, digest, self.epoch)
+
+    def _ignored(self, view: GlobalProgress) -> frozenset[PeerID]:
+        """Peers whose records in the epoch before ours do not hold up the decision of our epoch's state:
+        members that failed in our last round, and peers whose records have not been refreshed for a while
+        (dead: a peer that lives republishes every refresh interval, which is short at an epoch's end)."""
+        quiet = self.config.matchmaking_time + 4 * self.config.progress.min_refresh
+        old = {r.peer for r in view.records if r.time < view.time - quiet}
+        return self._suspects | old
+
+    async def _download_from(self, holders: Sequence[PeerID], digest: bytes, epoch: int) -> bool:
+        """Download the state ``digest`` of ``epoch`` from some of ``holders`` (found through their state
+        advertisements, in sync or not). True once we hold it (we are then in sync)."""
+        wanted = set(holders) - {self.node.peer_id}
+        peers: dict[PeerID, PeerInfo] = {}
+        for prefix in (self.run_id, f"{self.run_id}/unsynced"):
+            try:
+                found = await find_donors(self.node, prefix)
+            except DHTError as exc:
+                logger.info("could not look up state donors: %s", exc)
+                continue
+            peers.update((p.peer_id, p) for e, p in found if p.peer_id in wanted and e == epoch)
+        if not peers:
+            logger.info("epoch %d: no advertisement of the swarm's state yet; trying again later", epoch)
+            return False
+        return await self._download(list(peers.values()), digest=digest)
+
+    async def _settle(self) -> None:
+        """After a round that may have left us apart from the swarm: wait (up to ``resync_timeout``) until our
+        epoch's state is decided, and take it. Says so if that does not happen in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.resync_timeout
+        while True:
+            view = await self._refresh()
+            if view.epoch > self.epoch:
+                await self._catch_up(view)
+                if self._in_sync:
+                    return
+            elif await self._check_sync(view):
+                return
+            if loop.time() >= deadline:
+                logger.warning(
+                    "epoch %d: still out of sync with the swarm after %gs (its state is not decided or could "
+                    "not be downloaded); our parameters may differ from the other peers' until we resynchronise",
+                    self.epoch,
+                    self.config.resync_timeout,
+                )
+                return
+            await asyncio.sleep(self.tracker.config.min_refresh)
 
     # --- averaging ---------------------------------------------------------------------------------------
 
@@ -596,6 +694,16 @@ class CollaborativeOptimizer:
     async def _catch_up(self, view: GlobalProgress) -> bool:
         logger.info("the swarm is at epoch %d and we are at %d: downloading its state", view.epoch, self.epoch)
         self._drop_matchmaking()
+        canonical = canonical_state(view.records, view.epoch)
+        if canonical is not None:
+            digest, holders = canonical
+            synced = any(r.in_sync for r in view.records if r.epoch == view.epoch and r.digest == digest)
+            if await self._download_from(holders, digest, view.epoch):
+                self._in_sync = synced
+                if not synced:
+                    await self._advertise()
+                    await self._publish()
+                return True
         if await self.load_state_from_peers(newer_only=True):
             return True
         # No peer in sync has it: take the state of a peer out of sync (and stay out of sync ourselves).
@@ -610,7 +718,7 @@ class CollaborativeOptimizer:
         # Nobody could give us the state: move to the swarm's epoch with our own parameters rather than
         # stall (our samples would never count otherwise); we are out of sync until a resynchronisation.
         logger.warning(
-            "could not download the state of epoch %d; continuing from our own (epoch %d) parameters",
+            "could not download the state of epoch %d; continuing from our own (epoch %d) parameters, out of sync",
             view.epoch,
             self.epoch,
         )
@@ -626,8 +734,9 @@ class CollaborativeOptimizer:
         with torch.no_grad():
             for acc in self._accumulators:
                 acc.zero_()
-            for a, p in zip(self._anchor, self.params, strict=True):
-                a.copy_(p.detach())
+            if self._anchor:  # local mode only (gradient mode has no anchor)
+                for a, p in zip(self._anchor, self.params, strict=True):
+                    a.copy_(p.detach())
         self._local_samples = 0
 
     def _drop_matchmaking(self) -> None:
@@ -636,58 +745,90 @@ class CollaborativeOptimizer:
         self._matchmaking = None
         self._matchmaking_epoch = -1
 
+    def _drop_matchmaking_of_other_epochs(self) -> None:
+        if self._matchmaking is not None and self._matchmaking_epoch != self.epoch:
+            self._drop_matchmaking()
+
     async def _global_step(self, view: GlobalProgress) -> None:
         async with self._round_lock:
             start = asyncio.get_running_loop().time()
             tensors, local_copy = await self._cpu(self._round_inputs)
-            averaged, why = await self._average(view, tensors)
+            averaged, why, group = await self._average(view, tensors)
             self.stats.averaging_seconds += asyncio.get_running_loop().time() - start
             await self._cpu(self._apply_round, tensors, local_copy, averaged)
+            suspect = why is not None
             if why is not None:
                 logger.warning("epoch %d: %s; applied the local update instead", self.epoch, why)
                 self._in_sync = False
             elif averaged is None:  # alone in the swarm: our state is the swarm's
                 self._in_sync = True
+            elif group is not None and len(group.members) < view.num_peers_in_epoch:
+                # Peers of our epoch were left out of our group: they may have averaged in another group (or
+                # not at all) and stepped differently. Compare states before claiming the epoch.
+                logger.info(
+                    "epoch %d: our group of %d left out %d peer(s) of our epoch; checking our state against theirs",
+                    self.epoch,
+                    len(group.members),
+                    view.num_peers_in_epoch - len(group.members),
+                )
+                suspect = True
+            if suspect:
+                self._in_sync = False
             self.epoch += 1
             self.stats.epoch = self.epoch
             self._local_samples = 0
             self._drop_matchmaking()
             await self._publish_state()
             await self._refresh()
+        if suspect:
+            # Before the epoch counts: find out which state the swarm holds now, and take it if it is not ours.
+            await self._settle()
+
+    def _failed_members(self, result: AveragingResult | None, group: Group | None) -> frozenset[PeerID]:
+        if result is None or group is None:
+            return frozenset()
+        return frozenset(group.members[i].peer.peer_id for i in result.failures if 0 <= i < len(group.members))
 
     async def _average(
         self, view: GlobalProgress, tensors: list[torch.Tensor]
-    ) -> tuple[AveragingResult | None, str | None]:
-        """Run the round; (result, None) on success, (None or a partial result, reason) on fallback."""
+    ) -> tuple[AveragingResult | None, str | None, Group | None]:
+        """Run the round; (result, None, group) on success, (None or a partial result, reason, group or None)
+        on fallback."""
         if view.num_peers <= 1 and self._matchmaking is None:
             self.stats.rounds_solo += 1
-            return None, None
+            return None, None, None
         self._start_matchmaking()
         task = self._matchmaking
         if task is None:
             self.stats.rounds_solo += 1
-            return None, None
+            return None, None, None
         formed = await task
+        self._suspects = frozenset()
         if isinstance(formed, MatchmakingError):
             self.stats.rounds_failed += 1
-            return None, f"no averaging group ({formed})"
-        self.stats.group_sizes.append(len(formed.group.members))
+            return None, f"no averaging group ({formed})", None
+        group = formed.group
+        self.stats.group_sizes.append(len(group.members))
         try:
-            result = await self.averager.average(tensors, formed.group)
+            result = await self.averager.average(tensors, group)
         except AveragingError as exc:
             self.stats.rounds_failed += 1
-            return None, f"averaging failed ({exc})"
+            return None, f"averaging failed ({exc})", group
+        self._suspects = frozenset()
         if result.status is RoundStatus.COMPLETE:
             self.stats.rounds_complete += 1
-            return result, None
+            return result, None, group
         if result.status is RoundStatus.FAILED:
             self.stats.rounds_failed += 1
-            return None, f"averaging failed ({result.summary()})"
+            self._suspects = self._failed_members(result, group)
+            return None, f"averaging failed ({result.summary()})", group
         self.stats.rounds_partial += 1
+        self._suspects = self._failed_members(result, group)
         count_index = len(tensors) - 1
         if not all(o.averaged for o in result.parts if o.part.tensor == count_index):
-            return None, f"the sample count was not averaged ({result.summary()})"
-        return result, f"partial round ({result.summary()}); parts not averaged keep local values"
+            self._suspects = self._failed_members(result, group)
+            return None, f"the sample count was not averaged ({result.summary()})", group
+        return result, f"partial round ({result.summary()}); parts not averaged keep local values", group
 
     def _round_inputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """CPU tensors to average (sample-weighted sums, then the sample count) and a copy of them."""

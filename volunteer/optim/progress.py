@@ -5,8 +5,14 @@ owner-protected subkey ``[owner:<its public key>]`` (see :func:`coordinator_free
 so the record is signed and nobody else can write or overwrite it. A record says: the peer's epoch, the
 samples it accumulated since that epoch began, its recent samples per second and its wall-clock time.
 
+A record also says whether the peer holds the swarm's state (``in_sync``) and the digest of the state it
+published at the start of its epoch (:attr:`~volunteer.averaging.state_sync.StateServer.digest`): peers
+compare these to notice that they diverged (:func:`canonical_state`, :func:`settled`).
+
 From all the records it can read, a peer derives a :class:`GlobalProgress` with :func:`aggregate` (pure, takes
-``now``): the current epoch is the highest epoch any fresh record reports; the samples accumulated towards
+``now``): the current epoch is the highest epoch any fresh record of a peer in sync reports (out-of-sync
+peers ahead of it count only if they are the majority: a lone peer whose round failed and that moved on by
+itself does not pull the swarm's epoch away from the others); the samples accumulated towards
 ``target_batch_size`` are the sum over the fresh records *of that epoch* (a peer still in an older epoch
 contributes nothing to this one until it catches up); the ETA is the missing samples divided by the swarm's
 total samples per second. Records older than ``stale_after`` seconds are ignored: a peer that died stops
@@ -45,8 +51,10 @@ __all__ = [
     "ProgressConfig",
     "ProgressTracker",
     "aggregate",
+    "canonical_state",
     "owner_marker_of",
     "progress_key",
+    "settled",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +62,7 @@ logger = logging.getLogger(__name__)
 _MAX_EPOCH = 1 << 48
 _MAX_SAMPLES = 1 << 60
 _MAX_RATE = 1e12
+_MAX_DIGEST = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +105,10 @@ class LocalProgress:
     """The peer's recent throughput."""
     time: float
     """The peer's wall-clock time when it wrote the record (seconds since the Unix epoch)."""
+    in_sync: bool = True
+    """False while the peer knows (or suspects) that its state differs from the swarm's."""
+    digest: bytes = b""
+    """Digest of the state the peer held when its epoch began (empty: unknown)."""
 
     def to_wire(self) -> dict[str, Any]:
         """Plain msgpack data."""
@@ -105,6 +118,8 @@ class LocalProgress:
             "samples": int(self.samples),
             "sps": float(self.samples_per_second),
             "time": float(self.time),
+            "sync": bool(self.in_sync),
+            "state": bytes(self.digest),
         }
 
     @classmethod
@@ -125,7 +140,10 @@ class LocalProgress:
                 raise OptimError(f"a progress record's {name} must be a finite non-negative float")
         if sps > _MAX_RATE:
             raise OptimError("a progress record claims an impossible throughput")
-        return cls(peer, epoch, samples, sps, time)
+        in_sync, digest = obj.get("sync", True), obj.get("state", b"")
+        if not isinstance(in_sync, bool) or not isinstance(digest, bytes) or len(digest) > _MAX_DIGEST:
+            raise OptimError("a progress record's sync flag or state digest is malformed")
+        return cls(peer, epoch, samples, sps, time, in_sync, digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +166,8 @@ class GlobalProgress:
     """Seconds until the target is reached at that throughput (0 if it is; ``inf`` if nobody trains)."""
     time: float
     """When this view was computed."""
+    records: tuple[LocalProgress, ...] = ()
+    """The fresh records the view was computed from."""
 
     @property
     def ready(self) -> bool:
@@ -163,6 +183,11 @@ def aggregate(
     if not fresh:
         return GlobalProgress(0, 0, target_batch_size, 0, 0, 0.0, math.inf, now)
     epoch = max(r.epoch for r in fresh)
+    synced = [r.epoch for r in fresh if r.in_sync]
+    if synced and max(synced) < epoch:
+        ahead = sum(1 for r in fresh if r.epoch > max(synced))
+        if 2 * ahead <= len(fresh):
+            epoch = max(synced)
     current = [r for r in fresh if r.epoch == epoch]
     samples = sum(r.samples for r in current)
     rate = sum(r.samples_per_second for r in fresh)
@@ -173,7 +198,34 @@ def aggregate(
         eta = missing / rate
     else:
         eta = math.inf
-    return GlobalProgress(epoch, samples, target_batch_size, len(fresh), len(current), rate, eta, now)
+    return GlobalProgress(epoch, samples, target_batch_size, len(fresh), len(current), rate, eta, now, tuple(fresh))
+
+
+def canonical_state(records: Iterable[LocalProgress], epoch: int) -> tuple[bytes, tuple[PeerID, ...]] | None:
+    """The swarm's state at ``epoch`` from the records' digests, and the peers that hold it (None: no record
+    of that epoch carries a digest).
+
+    Peers in sync vote first: the digest most of them hold wins. Only if no peer of that epoch is in sync
+    (every round failed, or groups formed apart) do the others vote. Ties go to the digest held by the
+    smallest peer id, so every peer with the same records picks the same state.
+    """
+    at_epoch = [r for r in records if r.epoch == epoch and r.digest]
+    voters = [r for r in at_epoch if r.in_sync] or at_epoch
+    if not voters:
+        return None
+    holders: dict[bytes, list[PeerID]] = {}
+    for r in voters:
+        holders.setdefault(r.digest, []).append(r.peer)
+    best = min(holders.items(), key=lambda kv: (-len(kv[1]), min(p.digest for p in kv[1])))
+    return best[0], tuple(sorted(best[1], key=lambda p: p.digest))
+
+
+def settled(records: Iterable[LocalProgress], epoch: int, ignore: Iterable[PeerID] = ()) -> bool:
+    """Whether ``epoch``'s state can be decided: no fresh record is still in the epoch before it (a peer there
+    may be in the middle of the round that produces ``epoch``), except the peers in ``ignore`` (members that
+    failed in our round: if they come, they come out of sync and cannot outvote the peers in sync)."""
+    skip = set(ignore)
+    return not any(r.epoch == epoch - 1 and r.peer not in skip for r in records)
 
 
 def progress_key(run_id: str) -> str:
