@@ -74,6 +74,11 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     raise AveragingError(f"only floating point and complex tensors can be averaged, not {dtype}")
 
 
+_MEAN_BLOCK = 1 << 16
+"""Elements per slice of :func:`weighted_mean`: its float64 accumulator (512 KiB) stays in cache, so each
+contribution costs one read from memory instead of a trip through a tensor-sized float64 temporary."""
+
+
 def weighted_mean(
     values: Sequence[torch.Tensor], weights: Sequence[float], out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -85,20 +90,33 @@ def weighted_mean(
     if not total > 0:
         raise AveragingError(f"the weights of a part sum to {total}; nothing to average")
     dtype = values[0].dtype
-    # The first contribution is converted (copied) into the accumulator, the others are added with the
-    # widening done inside the kernel: no float64 temporary per contribution.
-    acc = values[0].to(_wide(dtype), copy=True)
-    if float(weights[0]) != 1.0:
-        acc.mul_(float(weights[0]))
-    for value, weight in zip(values[1:], weights[1:], strict=True):
-        acc.add_(value, alpha=float(weight))
-    if total != 1.0:
-        acc.div_(total)
+    shape = values[0].shape
     if out is None:
-        return acc.to(dtype)
-    if out.shape != acc.shape or out.dtype != dtype:
-        raise AveragingError(f"cannot write a {dtype} mean of shape {tuple(acc.shape)} into {out.dtype} {out.shape}")
-    return out.copy_(acc)
+        out = torch.empty(shape, dtype=dtype)
+    elif out.shape != shape or out.dtype != dtype:
+        raise AveragingError(f"cannot write a {dtype} mean of shape {tuple(shape)} into {out.dtype} {out.shape}")
+    flat_out = out.reshape(-1)
+    if flat_out.data_ptr() != out.data_ptr() or not out.is_contiguous():
+        raise AveragingError("weighted_mean writes only into a contiguous output")
+    flats = [v.reshape(-1) for v in values]
+    scales = [float(w) for w in weights]
+    n = flat_out.numel()
+    # Slice by slice through a cache-sized accumulator: the first contribution is converted into it, the
+    # others are added with the widening done inside the kernel. Each output slice is written only after
+    # every contribution's slice was read, so ``out`` may alias any of ``values``.
+    accumulator = torch.empty(min(n, _MEAN_BLOCK), dtype=_wide(dtype))
+    for start in range(0, n, _MEAN_BLOCK):
+        stop = min(n, start + _MEAN_BLOCK)
+        acc = accumulator[: stop - start]
+        acc.copy_(flats[0][start:stop])
+        if scales[0] != 1.0:
+            acc.mul_(scales[0])
+        for flat, scale in zip(flats[1:], scales[1:], strict=True):
+            acc.add_(flat[start:stop], alpha=scale)
+        if total != 1.0:
+            acc.div_(total)
+        flat_out[start:stop].copy_(acc)
+    return out
 
 
 def centered_clip(

@@ -57,7 +57,7 @@ from volunteer.averaging.allreduce import Aggregation, PartInputs, ReducedPart, 
 from volunteer.averaging.partition import Part, Partition, schema_digest
 from volunteer.errors import AveragingError, TensorError
 from volunteer.tensors.codecs import CodecId, Compression
-from volunteer.tensors.serialization import SerializedTensor, TensorDecoder, TensorLimits, deserialize, serialize
+from volunteer.tensors.serialization import SerializedTensor, TensorDecoder, TensorLimits, decode_sent, serialize
 
 __all__ = [
     "METHOD",
@@ -400,11 +400,14 @@ class _Round:
 
     def _reduce_lossy(self, inputs: PartInputs, view: torch.Tensor) -> tuple[ReducedPart, SerializedTensor | None]:
         """Reduce, encode, and keep what the others will decode, so every member ends with identical values."""
-        reduced = inputs.compute()
+        # The mean goes straight into our tensor (our own contribution, if any, is read before it is
+        # overwritten), is encoded from there, and the decoded values replace it: no part-sized temporaries
+        # beyond the codec's output.
+        reduced = inputs.compute(view)
         if not reduced.contributors:
             return reduced, None
-        serialized = self._serialize(reduced.values)
-        view.copy_(deserialize(serialized.header, serialized.chunks))
+        serialized = self._serialize(view)
+        decode_sent(serialized, view)
         return reduced, serialized
 
     @property

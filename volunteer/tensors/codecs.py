@@ -227,10 +227,13 @@ def _finite_float(params: Mapping[str, object], key: str) -> float:
 def _saturating_cast(x: torch.Tensor, dtype: torch.dtype, limit: float) -> torch.Tensor:
     """Cast to ``dtype``, finite values beyond +-``limit`` saturating there, NaN and +-inf kept as they are."""
     if x.numel():
-        low, high = (float(v) for v in torch.aminmax(x))
-        if -limit <= low and high <= limit:
-            # The common case (all finite and in range): a single cast. NaN fails both comparisons.
-            return x.to(dtype)
+        # The common case (all finite and in range): a single cast, checked by one cheap sum of its output.
+        # Out-of-range values cast to +-inf and NaN stays NaN, so a finite sum proves the cast exact; values
+        # just above the limit that round down to it are what saturation gives too.
+        cast = x.to(dtype)
+        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+        if math.isfinite(float(torch.sum(cast, dtype=accumulate))):
+            return cast
     y = x.clamp(-limit, limit)
     infinite = torch.isinf(x)
     if bool(infinite.any()):
@@ -269,8 +272,8 @@ def _mean_std(x: torch.Tensor) -> tuple[float, float]:
 class _Output:
     """The decoded values, written slice by slice through a float32 scratch when ``dtype`` is not float32."""
 
-    def __init__(self, numel: int, dtype: torch.dtype) -> None:
-        self.result = torch.empty(numel, dtype=dtype)
+    def __init__(self, numel: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> None:
+        self.result = torch.empty(numel, dtype=dtype) if out is None else out
         self._scratch = None if dtype == torch.float32 else torch.empty(min(numel, _CHUNK), dtype=torch.float32)
 
     def slice(self, start: int, stop: int) -> torch.Tensor:
@@ -307,8 +310,11 @@ class Codec(abc.ABC):
         """The exact payload length for ``numel`` values of ``dtype`` with these (checked) parameters."""
 
     @abc.abstractmethod
-    def decode(self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params) -> torch.Tensor:
-        """Decode a payload of exactly :meth:`payload_nbytes` bytes into a flat tensor of ``dtype``."""
+    def decode(
+        self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decode a payload of exactly :meth:`payload_nbytes` bytes into a flat tensor of ``dtype`` (into ``out``,
+        a flat contiguous tensor of ``numel`` values of ``dtype``, if given)."""
 
     def check_params(self, params: Mapping[str, object]) -> Params:
         """Validate parameters from the wire; raises :class:`TensorError`."""
@@ -353,11 +359,13 @@ class NoneCodec(Codec):
         """``numel`` times the item size."""
         return numel * dtype.itemsize
 
-    def decode(self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params) -> torch.Tensor:
+    def decode(
+        self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """A view of the payload; bool bytes other than 0 and 1 are normalised to 1 (in place)."""
         if dtype == torch.bool:
             payload.clamp_(max=1)
-        return payload.view(dtype)
+        return payload.view(dtype) if out is None else out.copy_(payload.view(dtype))
 
 
 class _CastCodec(Codec):
@@ -376,8 +384,12 @@ class _CastCodec(Codec):
         """Two bytes per value."""
         return 2 * numel
 
-    def decode(self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params) -> torch.Tensor:
+    def decode(
+        self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Cast back to ``dtype``."""
+        if out is not None:
+            return out.copy_(payload.view(self.wire_dtype))
         return payload.view(self.wire_dtype).to(dtype)
 
 
@@ -435,10 +447,12 @@ class ScaledFp16Codec(_StatisticsCodec):
             raise TensorError(f"scaled_fp16 std must be positive, got {checked['std']!r}")
         return checked
 
-    def decode(self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params) -> torch.Tensor:
+    def decode(
+        self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``y * std + mean``."""
         halves = payload.view(torch.float16)
-        output = _Output(numel, dtype)
+        output = _Output(numel, dtype, out)
         for start in _spans(numel):
             stop = min(start + _CHUNK, numel)
             output.slice(start, stop).copy_(halves[start:stop]).mul_(params["std"]).add_(params["mean"])
@@ -487,9 +501,11 @@ class Uniform8Codec(_StatisticsCodec):
             raise TensorError(f"uniform8 step must not be negative, got {checked['step']!r}")
         return checked
 
-    def decode(self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params) -> torch.Tensor:
+    def decode(
+        self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``low + code * step``."""
-        output = _Output(numel, dtype)
+        output = _Output(numel, dtype, out)
         for start in _spans(numel):
             stop = min(start + _CHUNK, numel)
             torch.mul(payload[start:stop], params["step"], out=output.slice(start, stop)).add_(params["low"])
@@ -563,11 +579,13 @@ class Quantile8Codec(_StatisticsCodec):
         """The 1 KiB codebook and one byte per value."""
         return self._CODEBOOK_BYTES + numel
 
-    def decode(self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params) -> torch.Tensor:
+    def decode(
+        self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Look each code up in the codebook."""
         codebook = payload[: self._CODEBOOK_BYTES].view(torch.float32).to(dtype)
         codes = payload[self._CODEBOOK_BYTES :]
-        result = torch.empty(numel, dtype=dtype)
+        result = torch.empty(numel, dtype=dtype) if out is None else out
         index = torch.empty(min(numel, _CHUNK), dtype=torch.int32)
         for start in _spans(numel):
             stop = min(start + _CHUNK, numel)
@@ -621,13 +639,13 @@ class Blockwise8Codec(_StatisticsCodec):
         scratch = torch.empty(min(n, max(_CHUNK, block)), dtype=torch.float32)
         for start, stop, width in _block_spans(n, block):
             rows = x[start:stop].view(-1, width)
-            minimum, maximum = torch.aminmax(rows, dim=1)
-            absmax = torch.maximum(minimum.neg_(), maximum)
+            work = scratch[: stop - start].view(-1, width)
+            # |x| into the scratch, then a row maximum: several times faster than a row-wise aminmax.
+            absmax = torch.abs(rows, out=work).amax(dim=1)
             inverse = torch.reciprocal(absmax).mul_(127.0)
             # A zero (or subnormal) block: every code 0, scale 0, decodes to exact zeros.
             inverse = torch.where(torch.isfinite(inverse), inverse, torch.zeros((), dtype=torch.float32))
             torch.div(absmax, 127.0, out=scales[start // block : start // block + rows.shape[0]])
-            work = scratch[: stop - start].view(-1, width)
             torch.mul(rows, inverse[:, None], out=work).round_()
             codes[start:stop].view(-1, width).copy_(work)
         return Encoded({"block_size": block}, out)
@@ -643,13 +661,15 @@ class Blockwise8Codec(_StatisticsCodec):
         block = int(params["block_size"])
         return 4 * (-(-numel // block)) + numel
 
-    def decode(self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params) -> torch.Tensor:
+    def decode(
+        self, payload: torch.Tensor, numel: int, dtype: torch.dtype, params: Params, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``code * scale`` block by block."""
         block = int(params["block_size"])
         blocks = -(-numel // block)
         scales = payload[: 4 * blocks].view(torch.float32)
         codes = payload[4 * blocks :].view(torch.int8)
-        output = _Output(numel, dtype)
+        output = _Output(numel, dtype, out)
         for start, stop, width in _block_spans(numel, block):
             first = start // block
             rows = codes[start:stop].view(-1, width)
@@ -778,10 +798,18 @@ def payload_nbytes(codec_id: CodecId, dtype: torch.dtype, numel: int, params: Pa
     return codec.payload_nbytes(values, values_dtype, params) + 9 * int(params.get("nonfinite", 0))
 
 
-def decode(payload: torch.Tensor, codec_id: CodecId, dtype: torch.dtype, numel: int, params: Params) -> torch.Tensor:
-    """Decode a payload (1-D uint8, exactly :func:`payload_nbytes` long) into a flat tensor of ``dtype``.
+def decode(
+    payload: torch.Tensor,
+    codec_id: CodecId,
+    dtype: torch.dtype,
+    numel: int,
+    params: Params,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode a payload (1-D uint8, exactly :func:`payload_nbytes` long) into a flat tensor of ``dtype``, or
+    into ``out`` (contiguous, ``numel`` values of ``dtype``; returned flattened) with no temporary of its size.
 
-    The result may share memory with ``payload``. Raises :class:`TensorError` for a payload whose content is
+    Without ``out`` the result may share memory with ``payload``. Raises :class:`TensorError` for a payload whose content is
     impossible (a non-finite position out of range, an unknown non-finite kind).
     """
     codec = CODECS[codec_id]
@@ -789,12 +817,18 @@ def decode(payload: torch.Tensor, codec_id: CodecId, dtype: torch.dtype, numel: 
     expected = payload_nbytes(codec_id, dtype, numel, params)
     if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() != expected:
         raise TensorError(f"payload must be {expected} bytes of uint8, got {payload.numel()} of {payload.dtype}")
+    target: torch.Tensor | None = None
+    if out is not None:
+        if out.dtype != dtype or out.numel() != numel or not out.is_contiguous():
+            raise TensorError(f"cannot decode {numel} values of {dtype} into {out.dtype} {tuple(out.shape)}")
+        flat_out = out.reshape(-1)
+        target = torch.view_as_real(flat_out).reshape(-1) if values_dtype != dtype else flat_out
     if values == 0:
-        return torch.empty(0, dtype=dtype)
+        return torch.empty(0, dtype=dtype) if out is None else out.reshape(-1)
     nonfinite = int(params.get("nonfinite", 0))
     core = {key: value for key, value in params.items() if key != "nonfinite"}
     body = payload[8 * nonfinite : payload.numel() - nonfinite]
-    result = codec.decode(body, values, values_dtype, core)
+    result = codec.decode(body, values, values_dtype, core, target)
     if nonfinite:
         positions = payload[: 8 * nonfinite].view(torch.int64)
         kinds = payload[payload.numel() - nonfinite :]

@@ -60,6 +60,7 @@ __all__ = [
     "TensorDecoder",
     "TensorHeader",
     "TensorLimits",
+    "decode_sent",
     "deserialize",
     "dumps",
     "loads",
@@ -213,6 +214,9 @@ class SerializedTensor:
     chunks: tuple[memoryview, ...]
     """Read-only views; for the ``none`` codec they alias the tensor's memory, so leave it unchanged until
     the chunks are sent."""
+    encoded: torch.Tensor | None = None
+    """The codec's output before zstd (uint8), kept so the sender can decode what it sent without a copy
+    (:func:`decode_sent`); ``None`` where the serializer did not keep it."""
 
 
 def serialize(
@@ -256,7 +260,19 @@ def serialize(
         crc32=zlib.crc32(wire) if checksum else None,
     )
     chunks = tuple(wire[start : start + chunk_size] for start in range(0, wire.nbytes, chunk_size))
-    return SerializedTensor(header, chunks)
+    # With zstd the chunks hold the compressed bytes; keeping the codec output too would double the memory.
+    return SerializedTensor(header, chunks, None if zstd else encoded.payload)
+
+
+def decode_sent(serialized: SerializedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The values a receiver of ``serialized`` will decode, computed from the codec output it kept (no wire
+    checks: this is our own data), into ``out`` if given (contiguous, the header's dtype and element count)."""
+    header = serialized.header
+    if serialized.encoded is None:
+        result = deserialize(header, serialized.chunks)
+        return result if out is None else out.copy_(result.reshape(out.shape))
+    flat = decode(serialized.encoded, header.codec, header.dtype, header.numel, header.params, out)
+    return flat.reshape(header.shape) if out is None else out
 
 
 def _readonly_bytes(payload: torch.Tensor) -> memoryview:
@@ -363,9 +379,10 @@ class TensorDecoder:
             self._view[self._received : end] = data
         self._received = end
 
-    def finish(self) -> torch.Tensor:
+    def finish(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """Check that the payload is complete and intact, and decode it into a CPU tensor of the header's
-        dtype and shape. The result may share memory with the decoder's buffer (which is then the result's)."""
+        dtype and shape. The result may share memory with the decoder's buffer (which is then the result's).
+        With ``out`` (contiguous, the header's dtype and element count) the values are decoded into it."""
         if self._finished:
             raise TensorError("tensor decoder already finished")
         self._finished = True
@@ -383,8 +400,8 @@ class TensorDecoder:
                     f"zstd payload decompressed to {self._sink.written} bytes, expected {self.header.raw_nbytes}"
                 )
         header = self.header
-        flat = decode(self._buffer, header.codec, header.dtype, header.numel, header.params)
-        return flat.reshape(header.shape)
+        flat = decode(self._buffer, header.codec, header.dtype, header.numel, header.params, out)
+        return flat.reshape(header.shape) if out is None else out
 
 
 def deserialize(
