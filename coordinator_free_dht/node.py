@@ -103,7 +103,11 @@ class NodeConfig:
     is left only where that table missed nearer nodes. Off: a node lookup, then STORE to exactly the
     ``num_replicas`` nearest."""
     join_refreshes: int = 2
-    """After the lookup of our own id, lookups of random ids in this many of the farthest buckets."""
+    """With the lookup of our own id, lookups of random ids in this many of the farthest buckets."""
+    join_refresh_k: int | None = 5
+    """Those refresh lookups end once this many closest nodes answered (None: the core's lookup ``k``). They
+    only need to put a few contacts into a far bucket (and us into theirs): a full k = 20 walk to a random
+    id would dial nearly every node of a small network while a whole swarm joins, each dial a handshake."""
     maintenance_interval: float = 60.0
     """Seconds between maintenance passes (expiry, republication, bucket refresh)."""
     max_background_tasks: int = 256
@@ -581,11 +585,14 @@ class DHTNode:
                 f"attempts ({shown}); check the addresses and that those nodes are running and reachable"
             )
         own = self.peer_id.to_int()
-        targets = [own]
+        refresh = []
         for i in range(self.config.join_refreshes):
             bit = ID_BITS - 1 - i
-            targets.append(own ^ (1 << bit) ^ self.rng.getrandbits(bit))
-        await self._traverse(targets)
+            refresh.append(own ^ (1 << bit) ^ self.rng.getrandbits(bit))
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._traverse([own]))
+            if refresh:
+                tg.create_task(self._traverse(refresh, k=self.config.join_refresh_k))
         logger.info("joined the DHT: %d contacts", self.routing_table_size)
 
     async def _maintenance(self) -> None:

@@ -112,6 +112,35 @@ async def test_connection_reused_in_both_directions_and_dials_coalesced() -> Non
             assert await a.connect(b_address, b.local_peer) is conn
 
 
+async def test_simultaneous_dials_run_one_handshake_and_share_its_connection() -> None:
+    for _ in range(3):
+        async with peer() as (a, a_address), peer() as (b, b_address):
+            handshakes = 0
+            for transport in (a, b):
+                accept = transport._accept
+
+                def counting(*args: object, accept: Callable[..., None] = accept, t: QuicTransport = transport) -> None:
+                    before = len(t._all)
+                    accept(*args)
+                    nonlocal handshakes
+                    handshakes += len(t._all) - before
+
+                transport._accept = counting  # type: ignore[method-assign,assignment]
+            async with asyncio.timeout(30):
+                from_a, from_b = await asyncio.gather(
+                    a.connect(b_address, b.local_peer), b.connect(a_address, a.local_peer)
+                )
+                # One connection, seen from both ends; the losing dial was answered by the winning one.
+                assert from_a.is_client != from_b.is_client
+                assert a.connection_to(b.local_peer) is from_a
+                assert b.connection_to(a.local_peer) is from_b
+                assert handshakes == 1
+                stream = await from_b.open_stream()
+                await stream.write(b"both ways")
+                await stream.write_eof()
+                assert await read_all(stream) == b"both ways"
+
+
 async def test_garbage_datagrams_do_not_break_the_listener() -> None:
     rng = random.Random(7)
     async with peer() as (server, address), peer() as (client, _):

@@ -1,4 +1,4 @@
-"""Import aioquic without loading what a node never uses: pyOpenSSL, service_identity and certifi.
+"""Import aioquic without loading what a node never uses: pyOpenSSL, service_identity, certifi (and ssl).
 
 ``aioquic.tls`` imports those three at module level, but uses them only in ``verify_certificate`` (the
 web-PKI check of a server certificate against certifi's CA bundle and a host name). Our QUIC transport
@@ -20,7 +20,11 @@ import sys
 import types
 from typing import Any
 
-_DEFERRED = ("certifi", "service_identity", "OpenSSL", "OpenSSL.crypto")
+_DEFERRED = ("certifi", "service_identity", "OpenSSL", "OpenSSL.crypto", "ssl")
+# What aioquic.tls reads from ``ssl`` on every handshake: two verify-mode constants (``ssl.VerifyMode`` is an
+# IntEnum, so the plain ints compare equal). The stand-in answers them without loading the stdlib ssl module
+# (~5 MB of OpenSSL state; QUIC's TLS runs on cryptography, not on it).
+_PRESET: dict[str, dict[str, Any]] = {"ssl": {"CERT_NONE": 0, "CERT_OPTIONAL": 1, "CERT_REQUIRED": 2}}
 
 
 class _Deferred(types.ModuleType):
@@ -37,6 +41,8 @@ class _Deferred(types.ModuleType):
         if real is None:
             if sys.modules.get(self.__name__) is self:
                 del sys.modules[self.__name__]
+            if self.__name__ in sys.modules and sys.modules[self.__name__] is None:
+                raise AttributeError(f"{self.__name__}.{attr} (the {self.__name__} module is kept out of this process)")
             real = self._real = importlib.import_module(self.__name__)
         return getattr(real, attr)
 
@@ -47,9 +53,14 @@ def import_aioquic_tls() -> types.ModuleType:
     if loaded is not None:
         return loaded
     installed: dict[str, _Deferred] = {}
+    blocked: list[str] = []
     for name in _DEFERRED:
-        if name not in sys.modules:
-            installed[name] = sys.modules[name] = _Deferred(name)
+        if name in sys.modules and sys.modules[name] is None:
+            blocked.append(name)  # a process that opted out of it (see without_stdlib_ssl): stay out
+        elif name in sys.modules:
+            continue
+        installed[name] = sys.modules[name] = _Deferred(name)
+        installed[name].__dict__.update(_PRESET.get(name, {}))
     crypto = installed.get("OpenSSL.crypto")
     openssl = installed.get("OpenSSL")
     if openssl is not None and crypto is not None:
@@ -60,9 +71,26 @@ def import_aioquic_tls() -> types.ModuleType:
     finally:
         for name, module in installed.items():
             if sys.modules.get(name) is module:
-                del sys.modules[name]
+                if name in blocked:
+                    sys.modules[name] = None  # type: ignore[assignment]
+                else:
+                    del sys.modules[name]
+
+
+def without_stdlib_ssl() -> None:
+    """Keep the stdlib ``ssl`` module out of this process; call first thing in a DHT-only process's entry point.
+
+    asyncio imports ``ssl`` when it is first imported (for TLS streams, which a QUIC-only node never opens),
+    loading a second OpenSSL beside cryptography's: ~5 MB of resident memory. With ``ssl`` marked as missing
+    while asyncio loads, asyncio runs without TLS-stream support (``start_tls``, ``ssl=`` arguments raise)
+    and everything else is unchanged. Does nothing if ``ssl`` or asyncio is already loaded.
+    """
+    if "ssl" in sys.modules or "asyncio" in sys.modules:
+        return
+    sys.modules["ssl"] = None  # type: ignore[assignment]
+    importlib.import_module("asyncio")
 
 
 import_aioquic_tls()  # on import of this module, which net/quic.py imports before aioquic
 
-__all__ = ["import_aioquic_tls"]
+__all__ = ["import_aioquic_tls", "without_stdlib_ssl"]

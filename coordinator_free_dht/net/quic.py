@@ -61,7 +61,6 @@ import ipaddress
 import itertools
 import logging
 import socket
-import ssl
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
@@ -74,6 +73,7 @@ from coordinator_free_dht.net import _lean_aioquic  # noqa: F401
 
 from aioquic import tls
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from aioquic._buffer
+from aioquic.quic import connection as _aioquic_connection
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, NetworkAddress, QuicConnection
@@ -114,6 +114,15 @@ _STREAM_OPEN = b"\x00"  # the first byte of every stream, sent by its opener (se
 _SUPPORTED_VERSIONS = frozenset(QuicConfiguration().supported_versions)
 _RECV_BATCH = 64  # datagrams read from a socket per wake-up before their events are delivered
 _RECV_SIZE = 65536  # a UDP payload never exceeds this
+_CERT_NONE = 0  # ssl.CERT_NONE, without importing ssl (~5 MB of OpenSSL state a QUIC-only process never uses)
+_IGNORED_DIALS = 4096  # remembered ids of ignored simultaneous dials (their retransmissions stay ignored)
+_CID_LIMIT = 2  # active connection ids we take from a peer: the minimum (RFC 9000 section 18.2), see _DrivenQuic
+
+# aioquic's QuicConnection.__init__ builds its frame-handler table with ~33 calls of EPOCHS(shortcut), each a
+# new frozenset from a short string: ~5% of a handshake's CPU. The result depends only on the string and is
+# immutable, so caching it changes nothing but the cost.
+if not hasattr(_aioquic_connection.EPOCHS, "cache_info"):
+    _aioquic_connection.EPOCHS = functools.cache(_aioquic_connection.EPOCHS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +134,12 @@ class QuicConfig:
 
     idle_timeout: float = 30.0
     """Seconds without any packet from the peer after which the connection is considered dead."""
+
+    initial_rtt: float = 0.333
+    """Round-trip time assumed before the first sample (RFC 9002's kInitialRtt; aioquic's own default is 0.1).
+    It sets the handshake's retransmission timeout: with 0.1 an event loop busy with many handshakes at once
+    (a swarm joining) answers later than the timeout, and every late answer costs a spurious retransmission
+    that the peer parses and may accept as yet another connection attempt."""
 
     keepalive_interval: float = 10.0
     """Seconds of silence after which a PING is sent, so live idle connections are not timed out.
@@ -230,6 +245,10 @@ class _DrivenQuic(QuicConnection):
         # We never use unidirectional streams; a peer opening one is a protocol error.
         uni = self._local_max_streams_uni
         uni.value = uni.sent = 0
+        # aioquic asks for 8 connection ids from the peer (and issues as many as the peer asks): 7
+        # NEW_CONNECTION_ID frames each way per connection, each a random id, a reset token and a routing
+        # entry. We never migrate paths on purpose, so the minimum of 2 does (one spare for a NAT rebinding).
+        self._local_active_connection_id_limit = _CID_LIMIT
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -529,6 +548,7 @@ class QuicConnectionHandle(Connection):
         self._superseded = False
         self._close_error: TransportError | None = None
         self.last_received = self._loop.time()
+        self.heard = False  # any datagram arrived from the peer on this connection
         self._ping_ids = itertools.count()
         self._wrote = False  # something was queued to send since the last flush (see _flush)
 
@@ -605,6 +625,7 @@ class QuicConnectionHandle(Connection):
         if self._closed:
             return
         self.last_received = self._loop.time()
+        self.heard = True
         try:
             self._quic.receive_datagram(data, addr, now=self.last_received)
         except Exception:  # aioquic should never raise here; if it does, lose this connection only
@@ -954,6 +975,11 @@ class QuicTransport(Transport):
         self._all: set[QuicConnectionHandle] = set()
         self._pending_inbound = 0
         self._dials: dict[PeerID, asyncio.Future[QuicConnectionHandle]] = {}
+        # Handshakes in progress by the peer's UDP address (see _do_dial: simultaneous dials).
+        self._outbound: dict[NetworkAddress, QuicConnectionHandle] = {}
+        self._inbound: dict[NetworkAddress, QuicConnectionHandle] = {}
+        # Original destination connection ids of dials we ignored because ours won (see _accept), by address.
+        self._ignored: dict[bytes, NetworkAddress] = {}
         self._dirty: dict[QuicConnectionHandle, None] = {}
         self._flush_scheduled = False
         self._tg: asyncio.TaskGroup | None = None
@@ -1085,11 +1111,22 @@ class QuicTransport(Transport):
         else:
             family, sockaddr = resolved
         remote = cast(NetworkAddress, sockaddr)
+        inbound = self._inbound.get(remote)
+        if inbound is not None:
+            # The peer is dialing us right now: its connection will serve both ways, no second handshake.
+            with contextlib.suppress(DHTError, TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(inbound.handshake)
+            live = self.connection_to(expected)
+            if live is not None:
+                return live
         endpoint = await self._endpoint_for(family, str(sockaddr[0]))
         configuration = self._quic_configuration(is_client=True, remote_host=str(remote[0]))
         quic = _DrivenQuic(configuration=configuration, quic_config=self._config)
         conn = QuicConnectionHandle(self, endpoint, quic, remote, expected)
         self._all.add(conn)
+        self._track_handshake(self._outbound, remote, conn)
+        conn.handshake.add_done_callback(functools.partial(self._dial_settled, remote))
         conn.register_cid(quic.host_cid)
         quic.connect(remote, now=loop.time())
         conn._flush()
@@ -1163,6 +1200,7 @@ class QuicTransport(Transport):
             alpn_protocols=[config.alpn],
             is_client=is_client,
             idle_timeout=config.idle_timeout,
+            initial_rtt=config.initial_rtt,
             max_datagram_size=config.datagram_size_to(remote_host),
             congestion_control_algorithm=config.congestion_control,
             max_data=config.connection_receive_window,
@@ -1171,7 +1209,7 @@ class QuicTransport(Transport):
             certificate=self._certificate,
             private_key=self._identity.private_key(),
             # No CA: the certificate is self-signed; _on_handshake checks the peer id it proves.
-            verify_mode=ssl.CERT_NONE,
+            verify_mode=_CERT_NONE,
         )
 
     # --- accepting --------------------------------------------------------------------------------
@@ -1182,6 +1220,19 @@ class QuicTransport(Transport):
         if self._pending_inbound >= self._config.max_pending_handshakes:
             logger.warning("dropping a QUIC connection attempt from %s: too many pending handshakes", addr)
             return
+        outbound = self._outbound.get(addr)
+        if outbound is not None and outbound._expected_peer is not None and self.local_peer < outbound._expected_peer:
+            # Simultaneous dials: we are dialing this peer too, and the smaller peer id's dial wins. Its side
+            # drops ours the same way and takes our connection when it completes (_on_established), so
+            # only one handshake runs. Its retransmissions of that Initial (same original connection id) are
+            # ignored too, even after our dial completed; should our dial fail, they get through.
+            logger.debug("ignoring a QUIC dial from %s while our own dial to it is in progress", addr)
+            self._ignored[original_cid] = addr
+            if len(self._ignored) > _IGNORED_DIALS:
+                del self._ignored[next(iter(self._ignored))]
+            return
+        if original_cid in self._ignored:
+            return
         quic = _DrivenQuic(
             configuration=self._quic_configuration(is_client=False, remote_host=str(addr[0])),
             quic_config=self._config,
@@ -1189,6 +1240,7 @@ class QuicTransport(Transport):
         )
         conn = QuicConnectionHandle(self, endpoint, quic, addr, None)
         self._all.add(conn)
+        self._track_handshake(self._inbound, addr, conn)
         self._pending_inbound += 1
         conn.handshake.add_done_callback(self._inbound_settled)
         conn.register_cid(original_cid)
@@ -1199,6 +1251,25 @@ class QuicTransport(Transport):
 
     def _inbound_settled(self, _: asyncio.Future[None]) -> None:
         self._pending_inbound -= 1
+
+    def _dial_settled(self, addr: NetworkAddress, handshake: asyncio.Future[None]) -> None:
+        """Our dial to ``addr`` failed: the peer's own dial attempts we ignored may now get through."""
+        if handshake.cancelled() or handshake.exception() is not None:
+            for cid in [cid for cid, ignored in self._ignored.items() if ignored == addr]:
+                del self._ignored[cid]
+
+    @staticmethod
+    def _track_handshake(
+        pending: dict[NetworkAddress, QuicConnectionHandle], addr: NetworkAddress, conn: QuicConnectionHandle
+    ) -> None:
+        """Index ``conn`` by the peer's address in ``pending`` until its handshake ends either way."""
+        pending[addr] = conn
+
+        def settled(_: asyncio.Future[None]) -> None:
+            if pending.get(addr) is conn:
+                del pending[addr]
+
+        conn.handshake.add_done_callback(settled)
 
     @staticmethod
     def _inbound_deadline(conn: QuicConnectionHandle) -> None:
@@ -1226,6 +1297,8 @@ class QuicTransport(Transport):
     def _on_established(self, conn: QuicConnectionHandle) -> None:
         peer = conn.remote_peer
         logger.debug("QUIC connection %s established (%s)", conn, "outbound" if conn.is_client else "inbound")
+        if not conn.is_client:
+            self._take_over_dial(peer, conn)
         current = self.connection_to(peer)
         if current is None or current is conn:
             self._peers[peer] = conn
@@ -1241,6 +1314,18 @@ class QuicTransport(Transport):
         drop._superseded = True
         if not drop._streams:
             drop._schedule()
+
+    def _take_over_dial(self, peer: PeerID, conn: QuicConnectionHandle) -> None:
+        """``peer`` connected to us while we dial it: our dial gets this connection. Our own handshake, if the
+        peer never answered it (it dropped our Initial: its dial won), ends here without a packet."""
+        fut = self._dials.get(peer)
+        if fut is None or fut.done():
+            return
+        for addr, outbound in list(self._outbound.items()):
+            if outbound._expected_peer == peer and not outbound.heard:
+                del self._outbound[addr]
+                outbound._terminate(DialError(f"dial to {peer} superseded by its own dial to us"))
+        fut.set_result(conn)
 
     def _on_terminated(self, conn: QuicConnectionHandle) -> None:
         self._all.discard(conn)
