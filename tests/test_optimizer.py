@@ -156,6 +156,7 @@ async def test_four_peers_stay_identical_after_every_epoch_and_loss_falls() -> N
             torch.testing.assert_close(v, values[0], rtol=0, atol=0)
     assert all(s.rounds_complete == 6 and s.rounds_failed == 0 for s in stats)
     assert all(s.group_sizes == [4] * 6 for s in stats)
+    assert all(s.state_downloads == 0 for s in stats)
     early = sum(sum(ls[:8]) / 8 for ls in losses) / 4
     late = sum(sum(ls[-8:]) / 8 for ls in losses) / 4
     assert late < 0.7 * early
@@ -276,6 +277,9 @@ async def test_local_mode_peers_identical_after_each_outer_step() -> None:
         for v in values[1:]:
             torch.testing.assert_close(v, values[0], rtol=0, atol=0)
     assert all(s.rounds_complete == 4 for s in stats)
+    # Each keeps its own inner optimizer state; that is no reason to resynchronise.
+    assert all(s.state_downloads == 0 for s in stats)
+    assert all(p.opt.in_sync for p in peers)
 
 
 @virtual_time

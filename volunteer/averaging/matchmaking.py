@@ -5,6 +5,10 @@ One attempt (:meth:`Matchmaker.form_group`):
 1. **Declare**: store ``{peer, addresses, weight, bandwidth, client mode, user data}`` under subkey
    ``<our peer id>`` of the DHT key ``averaging/<prefix>/<group key>``, expiring shortly after the window.
 2. **Wait** for the matchmaking window, then read the key (``latest``): every peer ready for this group key.
+   A caller that knows how many peers should come (``expected``: the collaborative optimizer passes the
+   peers training in its epoch) keeps reading, up to ``late_window`` longer, until that many declared: peers
+   whose views of the swarm differ start matchmaking at different moments, and without this the early ones
+   would form a group of their own and step apart from the late ones.
 3. **Split** deterministically: order the ready peers by ``sha256(group key, peer id)`` and deal them into
    as few groups of at most ``target_group_size`` as possible (sizes differ by at most one). Every peer with the same view computes the same groups. The *leader* of a
    group is its first member that accepts inbound connections.
@@ -67,6 +71,10 @@ class MatchmakingConfig:
     """Seconds a leader waits for its followers, and a follower for its leader's answer."""
     declaration_ttl: float = 15.0
     """Seconds a readiness declaration stays in the DHT after the window."""
+    late_window: float = 0.0
+    """Seconds past the window that :meth:`Matchmaker.form_group` waits for ``expected`` peers to declare."""
+    poll_interval: float = 0.25
+    """Seconds between two reads of the declarations while waiting for late peers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +193,9 @@ class Matchmaker:
     def _key(self, group_key: str) -> str:
         return f"averaging/{self.config.prefix}/{group_key}"
 
-    async def form_group(self, group_key: str, me: ReadyInfo) -> FormedGroup:
-        """Find a group among the peers ready under ``group_key`` (one attempt; see the module docs)."""
+    async def form_group(self, group_key: str, me: ReadyInfo, *, expected: int = 0) -> FormedGroup:
+        """Find a group among the peers ready under ``group_key`` (one attempt; see the module docs).
+        ``expected``: wait up to ``late_window`` past the window until that many peers declared."""
         config = self.config
         if me.peer.peer_id != self.rpc.peer_id:
             raise MatchmakingError("the declaration must describe this peer")
@@ -201,6 +210,14 @@ class Matchmaker:
         await asyncio.sleep(config.window)
         ready = await self._read_ready(key)
         ready.setdefault(me.peer.peer_id, me)
+        late_deadline = asyncio.get_running_loop().time() + config.late_window
+        while len(ready) < min(expected, config.target_group_size):
+            left = late_deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            await asyncio.sleep(min(config.poll_interval, left))
+            ready = await self._read_ready(key)
+            ready.setdefault(me.peer.peer_id, me)
         group = self._my_split(group_key, ready, me.peer.peer_id)
         leader = next((info for info in group if not info.client_mode), None)
         if leader is None:

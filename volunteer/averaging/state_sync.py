@@ -14,7 +14,9 @@ donor serves more and no single donor is swamped (the predecessor sent every new
 - Every snapshot has a :attr:`StateServer.digest` (over its tensors' layout and every part's SHA-256, so two
   peers with the same digest hold bit-identical states); the manifest carries it, and a download may ask for
   one digest only (``StateDownload.run(..., digest=...)``): donors serving another state are not used. Peers
-  publish the digest in their progress records to notice that they diverged.
+  publish the digest in their progress records to notice that they diverged. A snapshot whose metadata lists
+  ``digest_tensors`` (tensor indices) is digested over those tensors only: the part of the state that peers
+  in sync share (in local-updates mode each peer's inner optimizer state is its own).
 - The download is resumable: parts already verified are kept in the :class:`StateDownload`; if every donor
   failed, :meth:`StateDownload.run` raises :class:`~volunteer.errors.StateSyncError` and a later call with
   new donors fetches only the missing parts.
@@ -154,7 +156,7 @@ class StateServer:
         digests = await asyncio.to_thread(hashes)
         layout = [[dtype_name(t.dtype), list(t.shape)] for t in snapshot.tensors]
         part_refs = [[i, s, e, d] for (i, s, e), d in zip(parts, digests, strict=True)]
-        digest = state_digest(layout, part_refs)
+        digest = state_digest(layout, part_refs, _digest_tensors(snapshot.metadata, len(layout)))
         self._manifest = {
             "epoch": snapshot.epoch,
             "metadata": dict(snapshot.metadata),
@@ -212,14 +214,35 @@ class DownloadedState:
     """How many parts each donor (peer id text) delivered: how the load was spread."""
 
 
-def state_digest(layout: Sequence[Sequence[Any]], parts: Sequence[Sequence[Any]]) -> bytes:
-    """The digest of a state from its manifest's tensor layout and part list (with each part's SHA-256)."""
+def state_digest(
+    layout: Sequence[Sequence[Any]], parts: Sequence[Sequence[Any]], tensors: Sequence[int] | None = None
+) -> bytes:
+    """The digest of a state from its manifest's tensor layout and part list (with each part's SHA-256),
+    over the tensors of index ``tensors`` only if given."""
+    chosen = set(range(len(layout)) if tensors is None else tensors)
     h = hashlib.blake2b(digest_size=_DIGEST_BYTES)
-    h.update(repr([[str(dtype), [int(d) for d in shape]] for dtype, shape in layout]).encode())
+    h.update(
+        repr([[str(dtype), [int(d) for d in shape]] for i, (dtype, shape) in enumerate(layout) if i in chosen]).encode()
+    )
     for ref in parts:
-        h.update(repr([int(x) for x in ref[:3]]).encode())
-        h.update(bytes(ref[3]))
+        if ref[0] in chosen:
+            h.update(repr([int(x) for x in ref[:3]]).encode())
+            h.update(bytes(ref[3]))
     return h.digest()
+
+
+def _digest_tensors(metadata: Mapping[str, Any], count: int) -> list[int] | None:
+    """The ``digest_tensors`` of a state's metadata (None: every tensor); :class:`StateSyncError` if malformed."""
+    chosen = metadata.get("digest_tensors")
+    if chosen is None:
+        return None
+    if (
+        not isinstance(chosen, list)
+        or len(chosen) > count
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in chosen)
+    ):
+        raise StateSyncError("a state's digest_tensors must list tensor indices")
+    return chosen
 
 
 class StateDownload:
@@ -338,7 +361,7 @@ class StateDownload:
             covered[ref[0]] = ref[2]
         if covered != numels:
             raise StateSyncError("a manifest's parts do not cover its tensors")
-        if manifest.get("digest") != state_digest(tensors, parts):
+        if manifest.get("digest") != state_digest(tensors, parts, _digest_tensors(manifest["metadata"], len(tensors))):
             raise StateSyncError("a manifest's digest does not match its parts")
 
     def _start(self, manifest: dict[str, Any]) -> None:

@@ -278,7 +278,10 @@ class CollaborativeOptimizer:
                 target_group_size=config.max_group_size,
                 min_group_size=max(2, config.min_group_size),
                 window=config.matchmaking_time,
-                join_timeout=max(2.0, config.matchmaking_time),
+                # Peers of the epoch that start matchmaking late are waited for (up to one more window),
+                # so the swarm forms one group rather than two that step apart; joins wait as long.
+                late_window=config.matchmaking_time,
+                join_timeout=max(2.0, 2 * config.matchmaking_time + 1.0),
             ),
             rng=random.Random(self.rng.random()),
         )
@@ -683,11 +686,12 @@ class CollaborativeOptimizer:
             return
         self._matchmaking_epoch = self.epoch
         key = f"{self.config.mode}.{self.epoch}"
-        self._matchmaking = self._task_group().create_task(self._form_group(key), name=f"optim-match-{key}")
+        expected = view.num_peers_in_epoch if view is not None and view.epoch == self.epoch else 0
+        self._matchmaking = self._task_group().create_task(self._form_group(key, expected), name=f"optim-match-{key}")
 
-    async def _form_group(self, key: str) -> FormedGroup | MatchmakingError:
+    async def _form_group(self, key: str, expected: int) -> FormedGroup | MatchmakingError:
         try:
-            return await self.matchmaker.form_group(key, self._me())
+            return await self.matchmaker.form_group(key, self._me(), expected=expected)
         except MatchmakingError as exc:
             return exc
 
@@ -915,6 +919,11 @@ class CollaborativeOptimizer:
         }
         if self.scheduler is not None:
             metadata["scheduler"] = [int(self.scheduler.last_epoch), int(getattr(self.scheduler, "_step_count", 0))]
+        if self.config.mode is Mode.LOCAL:
+            # Peers in sync share the parameters and the outer optimizer's state; each keeps its own inner
+            # optimizer state (DiLoCo), so the state's digest leaves that out.
+            n = len(self.params)
+            metadata["digest_tensors"] = [*range(n), *(n + k for k, e in enumerate(layout) if e[0] == "outer")]
         return metadata, tensors
 
     async def _publish_state(self) -> None:
