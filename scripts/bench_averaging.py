@@ -275,9 +275,12 @@ async def child(index: int, peers: int, elements: int, codec: str, rounds: int, 
             if result.status is not RoundStatus.COMPLETE:
                 raise SystemExit(result.summary())
             report = {"seconds": elapsed, "cpu": cpu, "sent": result.bytes_sent, "rss": meter.growth_mb()}
-            if r == rounds:
-                report["error"] = max_error(tensor, peers)
             print(json.dumps(report), flush=True)
+        # Checked only once every peer reported its last round: computing the error blocks this event loop,
+        # and a peer still finishing the round (waiting for our final frames) must not wait for it.
+        if (await stdin.readline()).strip() != b"error":
+            raise SystemExit("the parent went away")
+        print(json.dumps({"error": max_error(tensor, peers)}), flush=True)
     if profiler is not None and profile:
         profiler.dump_stats(f"{profile}.{index}")
 
@@ -301,7 +304,6 @@ def run_processes(peers: int, elements: int, codec: str, rounds: int, profile: s
         sent: list[int] = []
         growth: list[float] = []
         cpu: list[float] = []
-        error = 0.0
         for r in range(rounds + 1):
             for inp, _ in pipes:
                 inp.write("go\n")  # type: ignore[union-attr]
@@ -313,7 +315,10 @@ def run_processes(peers: int, elements: int, codec: str, rounds: int, profile: s
                 sent.extend(rep["sent"] for rep in reports)
                 growth.append(max(rep["rss"] for rep in reports))
                 cpu.append(sum(rep["cpu"] for rep in reports) / peers)
-            error = max((rep.get("error", 0.0) for rep in reports), default=0.0)
+        for inp, _ in pipes:
+            inp.write("error\n")  # type: ignore[union-attr]
+            inp.flush()  # type: ignore[union-attr]
+        error = max(json.loads(out.readline())["error"] for _, out in pipes)  # type: ignore[union-attr]
         for p in procs:
             p.stdin.close()  # type: ignore[union-attr]
             p.wait(timeout=60)

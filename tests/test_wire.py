@@ -81,6 +81,18 @@ def test_large_payload_spread_over_reads_is_joined_once() -> None:
     assert frames[0].payload == payload
 
 
+def test_payload_read_apart_from_its_prefix_is_not_copied() -> None:
+    # A sender writes the prefix and a large payload separately; a receiver that gets them in two reads
+    # hands on the payload object it read, not a copy.
+    payload = bytes(range(256)) * 1024
+    decoder = FrameDecoder(1 << 20)
+    assert decoder.feed(frame_prefix(FrameKind.DATA, len(payload))) == []
+    frames = decoder.feed(payload)
+    assert len(frames) == 1
+    assert frames[0].payload is payload
+    assert decoder.at_boundary
+
+
 def test_oversized_length_is_rejected_before_any_payload_arrives() -> None:
     decoder = FrameDecoder(1024)
     with pytest.raises(FrameTooLargeError, match="exceeds the limit of 1024"):

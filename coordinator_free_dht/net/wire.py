@@ -309,6 +309,10 @@ class FrameDecoder:
                     continue
                 self._frames_kind = kind
             take = min(self._need, end - pos)
+            if take == 0:
+                # A read that ended right after a prefix: buffering an empty piece would force a join
+                # (a copy of the whole payload) when the payload then arrives in one piece.
+                break
             self._parts.append(data if (pos == 0 and take == end) else data[pos : pos + take])
             pos += take
             self._need -= take
