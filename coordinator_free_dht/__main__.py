@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import sys
-from collections.abc import Sequence
-from pathlib import Path
+from coordinator_free_dht.net._lean_aioquic import without_stdlib_ssl
 
-from coordinator_free_dht.errors import DHTError
-from coordinator_free_dht.net.transport import PeerAddress
-from coordinator_free_dht.node import NodeConfig
-from coordinator_free_dht.standalone import StandaloneOptions, run_standalone
+without_stdlib_ssl()  # first, before asyncio loads: a standalone node never uses the stdlib ssl module (~5 MB)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from coordinator_free_dht.errors import DHTError  # noqa: E402
+from coordinator_free_dht.net.transport import PeerAddress  # noqa: E402
+from coordinator_free_dht.node import NodeConfig  # noqa: E402
+from coordinator_free_dht.standalone import StandaloneOptions, run_standalone  # noqa: E402
 
 
 def _peer_address(text: str) -> PeerAddress:

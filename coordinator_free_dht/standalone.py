@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
@@ -53,6 +54,36 @@ def load_identity(path: Path | None) -> Identity:
     return identity
 
 
+_malloc_trim: Callable[[int], int] | None = None
+_trim_looked_up = False
+
+
+def release_free_memory() -> bool:
+    """Give the heap memory the process freed back to the OS (glibc's ``malloc_trim``); False where there
+    is no such call (non-glibc platforms).
+
+    Joining a swarm runs many TLS handshakes at once; their short-lived buffers leave ~1.5 MB of freed but
+    still resident heap behind, a few percent of a standalone node's whole budget. The node calls this once
+    joined and after each status log line. It walks the heap (well under a millisecond for a node's size).
+    """
+    global _malloc_trim, _trim_looked_up
+    if not _trim_looked_up:
+        _trim_looked_up = True
+        try:
+            import ctypes
+
+            trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+        except (OSError, AttributeError):
+            trim = None
+        if trim is not None:
+            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+            _malloc_trim = trim
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
+
+
 def announced_addresses(node: DHTNode) -> list[str]:
     """The addresses to print: a wildcard listen host is replaced by loopback, so the lines are dialable."""
     lines = []
@@ -82,6 +113,7 @@ async def run_standalone(options: StandaloneOptions, out: TextIO | None = None) 
             for line in announced_addresses(node):
                 out.write(line + "\n")
             out.flush()
+            release_free_memory()
             logger.info("DHT node %s running; bootstrap others from the address(es) above", node.peer_id)
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -93,10 +125,11 @@ async def run_standalone(options: StandaloneOptions, out: TextIO | None = None) 
                     node.storage_size,
                     node.stats.requests_served,
                 )
+                release_free_memory()
             logger.info("stopping")
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
 
 
-__all__ = ["StandaloneOptions", "announced_addresses", "load_identity", "run_standalone"]
+__all__ = ["StandaloneOptions", "announced_addresses", "load_identity", "release_free_memory", "run_standalone"]

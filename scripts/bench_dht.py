@@ -33,8 +33,15 @@ from typing import Any
 from coordinator_free_dht.identity import Identity
 from coordinator_free_dht.net.transport import PeerAddress
 from coordinator_free_dht.node import DHTNode, NodeConfig
+from coordinator_free_dht.standalone import release_free_memory
 
 TTL = 3600.0
+# How the driver starts a node process: like ``python -m coordinator_free_dht``, the stdlib ssl module is kept
+# out before asyncio loads (net/_lean_aioquic.without_stdlib_ssl), then this script runs as ``--worker``.
+_WORKER_BOOT = (
+    "import runpy, sys; from coordinator_free_dht.net._lean_aioquic import without_stdlib_ssl; "
+    "without_stdlib_ssl(); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -178,6 +185,7 @@ async def worker(args: argparse.Namespace) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     bootstrap = [PeerAddress.parse(args.bootstrap)] if args.bootstrap else []
     async with DHTNode(Identity.generate(), bootstrap=bootstrap, config=node_config(args)) as node:
+        release_free_memory()  # as the standalone node does once joined
         out = sys.stdout
 
         def reply(message: dict[str, Any]) -> None:
@@ -236,7 +244,7 @@ async def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
     script = os.path.abspath(__file__)  # noqa: ASYNC240 -- once, before any I/O starts
 
     async def spawn(bootstrap: str | None) -> WorkerHandle:
-        command = [sys.executable, script, "--worker"]
+        command = [sys.executable, "-c", _WORKER_BOOT, script, "--worker"]
         command.append("--optimistic-store" if args.optimistic_store else "--no-optimistic-store")
         if bootstrap:
             command += ["--bootstrap", bootstrap]

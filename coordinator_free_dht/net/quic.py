@@ -29,7 +29,9 @@ an incompatible aioquic fails loudly rather than silently unauthenticated):
   ``_local_max_streams_bidi`` / ``_local_max_streams_uni`` (the concurrent stream limit, and whether
   a MAX_STREAMS frame is due);
 - ``QuicConnection._spaces[ONE_RTT].ack_at`` (when the delayed ACK is due: read, and moved to now when we
-  send anyway).
+  send anyway);
+- ``QuicConnection._crypto_buffers`` (TLS output buffers, made small once the handshake is confirmed) and
+  ``_local_active_connection_id_limit`` (we ask the peer for 2 connection ids, not 8).
 
 Streams: the opener's first byte on every stream is a marker (``\x00``) that the accepting side strips, because
 QUIC announces a stream only with its first frame and the contract hands a stream to the peer's handler on
@@ -263,6 +265,15 @@ class _DrivenQuic(QuicConnection):
         """aioquic's, at the full datagram size once the handshake is confirmed (no Initial packets after)."""
         if self._handshake_confirmed and self._max_datagram_size != self._full_datagram_size:
             self._max_datagram_size = self._full_datagram_size
+            # TLS output buffers are 16 KB per epoch for the connection's whole life (48 KB). The Initial and
+            # Handshake epochs are over (keys discarded): TLS writes nothing there any more. After the
+            # handshake TLS writes only a NewSessionTicket at 1-RTT, and only with a ticket handler (we set
+            # none), so 4 KB is ample there. A write that did not fit would fail this connection only.
+            buffers = getattr(self, "_crypto_buffers", None)
+            if isinstance(buffers, dict):
+                for epoch, capacity in ((tls.Epoch.INITIAL, 0), (tls.Epoch.HANDSHAKE, 0), (tls.Epoch.ONE_RTT, 4096)):
+                    if epoch in buffers and not buffers[epoch].tell():
+                        buffers[epoch] = Buffer(capacity=capacity)
         return super().datagrams_to_send(now)
 
     def peer_certificate(self) -> x509.Certificate | None:
