@@ -462,18 +462,20 @@ class DHTNode:
         want_value: bool = False,
         latest: bool = False,
         raw_keys: Sequence[bytes | None] | None = None,
-        k: int | None = None,
+        k: int | Sequence[int | None] | None = None,
         piggyback: _Piggyback | None = None,
     ) -> list[LookupResult]:
         """Run one lookup per target, all together; requests to one peer at one moment share a FIND.
 
-        ``k`` ends each walk once that many closest nodes answered (default: the core's lookup ``k``).
+        ``k`` ends each walk once that many closest nodes answered (default: the core's lookup ``k``); one
+        value for all targets or one per target.
         ``piggyback``: a store's records, sent with every FIND for their key; the answers land in its ``acks``.
         """
         protocol = self.protocol
         now = self.clock.time()
         self.stats.traversals += 1
-        lookups = [self._new_lookup(t, now, want_value, latest, k) for t in targets]
+        ks = list(k) if isinstance(k, Sequence) else [k] * len(targets)
+        lookups = [self._new_lookup(t, now, want_value, latest, kk) for t, kk in zip(targets, ks, strict=True)]
         keys: Sequence[bytes | None] = raw_keys if raw_keys is not None else [None] * len(targets)
         queue: asyncio.Queue[_Reply] = asyncio.Queue()
         max_keys = protocol.config.max_keys_per_request
@@ -589,10 +591,7 @@ class DHTNode:
         for i in range(self.config.join_refreshes):
             bit = ID_BITS - 1 - i
             refresh.append(own ^ (1 << bit) ^ self.rng.getrandbits(bit))
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._traverse([own]))
-            if refresh:
-                tg.create_task(self._traverse(refresh, k=self.config.join_refresh_k))
+        await self._traverse([own, *refresh], k=[None] + [self.config.join_refresh_k] * len(refresh))
         logger.info("joined the DHT: %d contacts", self.routing_table_size)
 
     async def _maintenance(self) -> None:
