@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -20,9 +21,14 @@ from coordinator_free_dht.identity import Identity
 from volunteer.cli import app
 from volunteer.client.swarm import Swarm
 from volunteer.errors import ManifestError
+from volunteer.run.data import make_shards
 from volunteer.run.manifest import (
     _SIGNING_DOMAIN,
+    Manifest,
+    ModelSpec,
     RunRef,
+    Shard,
+    ShardedData,
     SignedManifest,
     _sorted,
     default_manifest,
@@ -100,6 +106,30 @@ async def test_bad_runs_are_refused(tmp_path: Path) -> None:
     assert code == 1, err
     assert "error:" in err
     assert "tampered with" in err
+    assert "Traceback" not in err
+
+
+async def test_a_data_shard_with_a_wrong_checksum_stops_join(tmp_path: Path, file_server: tuple[str, Path]) -> None:
+    """The run's only shard is served with one byte changed: join names the shard and exits 1, untrained."""
+    base, root = file_server
+    rng = np.random.default_rng(0)
+    arrays: dict[str, np.ndarray] = {"x": rng.standard_normal((64, 4)).astype(np.float32), "y": np.arange(64) % 3}
+    [(blob, digest, size)] = make_shards(arrays, 64)
+    (root / "0.vshard").write_bytes(blob[:-1] + bytes([blob[-1] ^ 0xFF]))
+    owner = Identity.generate()
+    manifest = Manifest(
+        "sharded",
+        owner.public_key,
+        model=ModelSpec("mlp", {"input_dim": 4, "num_classes": 3}),
+        data=ShardedData(
+            "classification", {"input_dim": 4, "num_classes": 3}, (Shard(f"{base}/0.vshard", size, digest),)
+        ),
+    )
+    async with Swarm(owner) as swarm:
+        assert await swarm.publish_manifest(SignedManifest.sign(manifest, owner))
+        code, err = await _join(tmp_path / "cli", manifest.reference, swarm.addresses[0])
+    assert code == 1, err
+    assert "does not match its checksum" in err
     assert "Traceback" not in err
 
 
