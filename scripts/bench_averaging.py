@@ -124,13 +124,14 @@ class RSSMeter:
 def config_for(codec: str) -> AveragerConfig:
     """The averager's settings: generous timeouts; part and chunk sizes default, or from the environment
     (``BENCH_PART_ELEMENTS``, ``BENCH_CHUNK_BYTES``, ``BENCH_WINDOW``, ``BENCH_PIPELINE_PARTS``,
-    ``BENCH_OFFLOAD_ELEMENTS``, ``BENCH_SEND_AHEAD``; counts like ``256K``) for tuning experiments."""
+    ``BENCH_MIN_PART_ELEMENTS``, ``BENCH_OFFLOAD_ELEMENTS``, ``BENCH_SEND_AHEAD``; counts like ``256K``) for tuning experiments."""
     tuning: dict[str, Any] = {}
     for key, env in (
         ("part_elements", "BENCH_PART_ELEMENTS"),
         ("chunk_bytes", "BENCH_CHUNK_BYTES"),
         ("window", "BENCH_WINDOW"),
         ("pipeline_parts", "BENCH_PIPELINE_PARTS"),
+        ("min_part_elements", "BENCH_MIN_PART_ELEMENTS"),
         ("offload_elements", "BENCH_OFFLOAD_ELEMENTS"),
         ("send_ahead", "BENCH_SEND_AHEAD"),
     ):

@@ -227,16 +227,10 @@ def _finite_float(params: Mapping[str, object], key: str) -> float:
 def _saturating_cast(x: torch.Tensor, dtype: torch.dtype, limit: float) -> torch.Tensor:
     """Cast to ``dtype``, finite values beyond +-``limit`` saturating there, NaN and +-inf kept as they are."""
     if x.numel():
-        # The common case (all finite and in range): a single cast, checked by one cheap sum of its output
-        # in its own dtype. Out-of-range values cast to +-inf and NaN stays NaN, so a finite sum proves the
-        # cast right (values just above the limit that round down to it are what saturation gives too). A
-        # sum that overflows although every value is in range is settled by the exact range check.
-        cast = x.to(dtype)
-        if math.isfinite(float(torch.sum(cast))):
-            return cast
         low, high = (float(v) for v in torch.aminmax(x))
         if -limit <= low and high <= limit:
-            return cast
+            # The common case (all finite and in range): a single cast. NaN fails both comparisons.
+            return x.to(dtype)
     y = x.clamp(-limit, limit)
     infinite = torch.isinf(x)
     if bool(infinite.any()):
