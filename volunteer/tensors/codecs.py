@@ -327,6 +327,11 @@ class _StatisticsCodec(Codec):
 
     keeps_nonfinite = False
 
+    def encode_common(self, x: torch.Tensor, compression: Compression) -> Encoded | None:
+        """A shortcut for the common case (every value finite and within ``_STATISTICS_LIMIT``) that needs
+        no minimum and maximum of the whole tensor, or ``None`` to take the general path."""
+        return None
+
     def encode(self, x: torch.Tensor, compression: Compression) -> Encoded:
         """Encode a tensor without non-finite values (the caller, :func:`encode`, ensures that)."""
         x32 = _to_float32(x)
@@ -625,6 +630,19 @@ class Blockwise8Codec(_StatisticsCodec):
     codec_id = CodecId.BLOCKWISE8
     param_names = frozenset({"block_size"})
 
+    def encode_common(self, x: torch.Tensor, compression: Compression) -> Encoded | None:
+        """Without the whole tensor's minimum and maximum: one sum proves every value finite (NaN or infinity
+        makes it non-finite; a sum that merely overflows takes the general path), and the block scales
+        computed anyway prove every value within ``_STATISTICS_LIMIT``."""
+        if not math.isfinite(float(torch.sum(x))):
+            return None
+        encoded = self.encode_finite(x, compression, 0.0, 0.0)
+        blocks = -(-x.numel() // compression.block_size)
+        scales = encoded.payload[: 4 * blocks].view(torch.float32)
+        if float(scales.max()) * 127.0 > _STATISTICS_LIMIT:
+            return None
+        return encoded
+
     def encode_finite(self, x: torch.Tensor, compression: Compression, low: float, high: float) -> Encoded:
         """Payload: one float32 scale per block (``absmax / 127``), then one int8 code per value."""
         block = compression.block_size
@@ -637,8 +655,8 @@ class Blockwise8Codec(_StatisticsCodec):
         for start, stop, width in _block_spans(n, block):
             rows = x[start:stop].view(-1, width)
             work = scratch[: stop - start].view(-1, width)
-            # |x| into the scratch, then a row maximum: several times faster than a row-wise aminmax.
-            absmax = torch.abs(rows, out=work).amax(dim=1)
+            # Row maxima and minima separately: several times faster than a row-wise aminmax, and no |x| pass.
+            absmax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_())
             inverse = torch.reciprocal(absmax).mul_(127.0)
             # A zero (or subnormal) block: every code 0, scale 0, decodes to exact zeros.
             inverse = torch.where(torch.isfinite(inverse), inverse, torch.zeros((), dtype=torch.float32))
@@ -671,7 +689,8 @@ class Blockwise8Codec(_StatisticsCodec):
             first = start // block
             rows = codes[start:stop].view(-1, width)
             target = output.slice(start, stop).view(-1, width)
-            torch.mul(rows, scales[first : first + rows.shape[0], None], out=target)
+            # Widen, then scale in float32: twice as fast as one multiplication mixing int8 and float32.
+            target.copy_(rows).mul_(scales[first : first + rows.shape[0], None])
             output.commit(start, stop)
         return output.result
 
@@ -732,6 +751,9 @@ def encode(x: torch.Tensor, compression: Compression) -> Encoded:
     if not isinstance(codec, _StatisticsCodec):
         return codec.encode(flat, compression)
     x32 = _to_float32(flat)
+    fast = codec.encode_common(x32, compression)
+    if fast is not None:
+        return Encoded({**fast.params, "nonfinite": 0}, fast.payload)
     low, high = (float(v) for v in torch.aminmax(x32))
     if math.isfinite(low) and math.isfinite(high):
         if low < -_STATISTICS_LIMIT or high > _STATISTICS_LIMIT:
