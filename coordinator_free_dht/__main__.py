@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from coordinator_free_dht.net._lean_aioquic import without_stdlib_ssl
+from coordinator_free_dht._lean import without_stdlib_openssl
 
-without_stdlib_ssl()  # first, before asyncio loads: a standalone node never uses the stdlib ssl module (~5 MB)
+without_stdlib_openssl()  # first: a standalone node never uses the stdlib's ssl or _hashlib (~8 MB, see _lean)
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402

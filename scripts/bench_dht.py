@@ -36,11 +36,11 @@ from coordinator_free_dht.node import DHTNode, NodeConfig
 from coordinator_free_dht.standalone import release_free_memory
 
 TTL = 3600.0
-# How the driver starts a node process: like ``python -m coordinator_free_dht``, the stdlib ssl module is kept
-# out before asyncio loads (net/_lean_aioquic.without_stdlib_ssl), then this script runs as ``--worker``.
+# How the driver starts a node process: like ``python -m coordinator_free_dht``, the stdlib's OpenSSL bindings
+# are kept out before asyncio loads (coordinator_free_dht._lean), then this script runs as ``--worker``.
 _WORKER_BOOT = (
-    "import runpy, sys; from coordinator_free_dht.net._lean_aioquic import without_stdlib_ssl; "
-    "without_stdlib_ssl(); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    "import runpy, sys; from coordinator_free_dht._lean import without_stdlib_openssl; "
+    "without_stdlib_openssl(); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 )
 
 

@@ -56,7 +56,7 @@ def import_aioquic_tls() -> types.ModuleType:
     blocked: list[str] = []
     for name in _DEFERRED:
         if name in sys.modules and sys.modules[name] is None:
-            blocked.append(name)  # a process that opted out of it (see without_stdlib_ssl): stay out
+            blocked.append(name)  # a process that opted out of it (coordinator_free_dht._lean): stay out
         elif name in sys.modules:
             continue
         installed[name] = sys.modules[name] = _Deferred(name)
@@ -77,20 +77,6 @@ def import_aioquic_tls() -> types.ModuleType:
                     del sys.modules[name]
 
 
-def without_stdlib_ssl() -> None:
-    """Keep the stdlib ``ssl`` module out of this process; call first thing in a DHT-only process's entry point.
-
-    asyncio imports ``ssl`` when it is first imported (for TLS streams, which a QUIC-only node never opens),
-    loading a second OpenSSL beside cryptography's: ~5 MB of resident memory. With ``ssl`` marked as missing
-    while asyncio loads, asyncio runs without TLS-stream support (``start_tls``, ``ssl=`` arguments raise)
-    and everything else is unchanged. Does nothing if ``ssl`` or asyncio is already loaded.
-    """
-    if "ssl" in sys.modules or "asyncio" in sys.modules:
-        return
-    sys.modules["ssl"] = None  # type: ignore[assignment]
-    importlib.import_module("asyncio")
-
-
 import_aioquic_tls()  # on import of this module, which net/quic.py imports before aioquic
 
-__all__ = ["import_aioquic_tls", "without_stdlib_ssl"]
+__all__ = ["import_aioquic_tls"]
