@@ -73,6 +73,8 @@ ALPN_PROTOCOL = "vmux/1"
 
 _HEADER = struct.Struct("!BBHII")
 _HEADER_SIZE = _HEADER.size
+_CORK_LIMIT = 4096
+"""Data frames up to this payload size are copied and sent with the next write (see ``TLSConnection._corked``)."""
 _MAX_U32 = 0xFFFFFFFF
 
 
@@ -283,6 +285,12 @@ class TLSConnection(Connection):
         self._error: TransportError | None = None
         self._lost = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
+        self._loop = loop
+        # Small frames (control frames, RPC message frames, a raw chunk's prefix) wait here until the end of
+        # the event loop's current pass or the next large frame, whichever comes first, and go out with it
+        # in one TLS write: each write to the SSL transport costs a TLS record and a send() system call.
+        self._corked: list[bytes] = []
+        self._flush_scheduled = False
         self.last_received = loop.time()
         self.last_sent = loop.time()
 
@@ -324,6 +332,7 @@ class TLSConnection(Connection):
         if not self._closed:
             with contextlib.suppress(TransportError):
                 self._send_control(_Frame.GOAWAY, 0, 0)
+            self._flush()
             self._shutdown(ConnectionLostError(f"connection to {self._remote_peer!r} was closed locally"))
             self._transport.close()
         try:
@@ -337,15 +346,38 @@ class TLSConnection(Connection):
     def _send_control(self, kind: _Frame, stream_id: int, arg: int) -> None:
         if self._closed:
             raise self._error or TransportClosedError("the connection is closed")
-        self._transport.write(_HEADER.pack(kind, 0, 0, stream_id, arg))
-        self.last_sent = self._owner.loop_time()
+        self._cork(_HEADER.pack(kind, 0, 0, stream_id, arg))
 
     def _send_data(self, stream_id: int, payload: memoryview) -> None:
         if self._closed:
             raise self._error or TransportClosedError("the connection is closed")
-        # The SSL transport encrypts synchronously inside write(), so the payload view is not retained.
-        self._transport.writelines((_HEADER.pack(_Frame.DATA, 0, 0, stream_id, len(payload)), payload))
-        self.last_sent = self._owner.loop_time()
+        header = _HEADER.pack(_Frame.DATA, 0, 0, stream_id, len(payload))
+        if len(payload) <= _CORK_LIMIT:
+            self._cork(header + payload)
+            return
+        # Whatever small frames wait go out in front of this one, in the same write. The SSL transport
+        # encrypts synchronously inside writelines(), so the payload view is not retained.
+        if self._corked:
+            self._corked.append(header)
+            header = b"".join(self._corked)
+            self._corked.clear()
+        self._transport.writelines((header, payload))
+        self.last_sent = self._loop.time()
+
+    def _cork(self, frame: bytes) -> None:
+        self._corked.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write the small frames that wait (see ``_corked``)."""
+        self._flush_scheduled = False
+        if self._corked and not self._transport.is_closing():
+            data = self._corked[0] if len(self._corked) == 1 else b"".join(self._corked)
+            self._corked.clear()
+            self._transport.write(data)
+            self.last_sent = self._loop.time()
 
     async def _wait_writable(self) -> None:
         while not self._writable.is_set():
@@ -386,6 +418,7 @@ class TLSConnection(Connection):
         elif kind == _Frame.PONG:
             pass
         elif kind == _Frame.GOAWAY:
+            self._flush()
             self._shutdown(ConnectionLostError(f"{self._remote_peer!r} closed the connection"))
             self._transport.close()
         else:
