@@ -16,7 +16,15 @@ from coordinator_free_dht.node import DHTNode
 from coordinator_free_dht.testing.clock import virtual_time
 from coordinator_free_dht.validation import owner_marker
 from volunteer.errors import OptimError
-from volunteer.optim.progress import LocalProgress, ProgressConfig, ProgressTracker, aggregate, owner_marker_of
+from volunteer.optim.progress import (
+    LocalProgress,
+    ProgressConfig,
+    ProgressTracker,
+    aggregate,
+    canonical_state,
+    owner_marker_of,
+    settled,
+)
 
 CONFIG = ProgressConfig(min_refresh=1.0, max_refresh=20.0, refresh_fraction=0.5, stale_after=30.0)
 A, B, C = (Identity.from_seed(bytes([i]) * 32).peer_id for i in range(3))
@@ -115,3 +123,60 @@ async def test_trackers_share_progress_through_signed_dht_records() -> None:
             await node.__aexit__(None, None, None)
         for rpc in reversed(rpcs):
             await rpc.__aexit__(None, None, None)
+
+
+def test_records_carry_sync_flag_and_state_digest_and_old_records_still_parse() -> None:
+    record = LocalProgress(A, 4, 10, 2.0, 1000.0, in_sync=False, digest=b"\x01" * 16)
+    assert LocalProgress.from_wire(record.to_wire()) == record
+    old = record.to_wire()
+    del old["sync"], old["state"]
+    assert LocalProgress.from_wire(old) == LocalProgress(A, 4, 10, 2.0, 1000.0)
+    with pytest.raises(OptimError):
+        LocalProgress.from_wire({**record.to_wire(), "state": b"x" * 65})
+    with pytest.raises(OptimError):
+        LocalProgress.from_wire({**record.to_wire(), "sync": "yes"})
+
+
+def test_a_lone_out_of_sync_peer_ahead_does_not_move_the_swarms_epoch() -> None:
+    now = 1000.0
+    d = Identity.from_seed(b"d" * 32).peer_id
+    behind = [LocalProgress(p, 3, 100, 10.0, now) for p in (A, B, C)]
+    lone = LocalProgress(d, 4, 0, 10.0, now, in_sync=False)
+    assert aggregate([*behind, lone], 1000, now, CONFIG).epoch == 3
+    # When most peers moved on (out of sync, e.g. a round that every member saw as partial), they are the swarm.
+    moved = [LocalProgress(p, 4, 0, 10.0, now, in_sync=False) for p in (A, B, C)]
+    assert aggregate([*moved, LocalProgress(d, 3, 5, 1.0, now)], 1000, now, CONFIG).epoch == 4
+
+
+def test_canonical_state_prefers_peers_in_sync_then_the_majority_then_the_smallest_id() -> None:
+    now = 1000.0
+    x, y = b"x" * 16, b"y" * 16
+    d = Identity.from_seed(b"d" * 32).peer_id
+    smallest = min((A, B, C, d), key=lambda p: p.digest)
+    # Peers in sync outvote any number out of sync.
+    records = [
+        LocalProgress(A, 5, 0, 1.0, now, True, x),
+        LocalProgress(B, 5, 0, 1.0, now, False, y),
+        LocalProgress(C, 5, 0, 1.0, now, False, y),
+    ]
+    assert canonical_state(records, 5) == (x, (A,))
+    # Nobody in sync: the majority.
+    records = [LocalProgress(p, 5, 0, 1.0, now, False, y if p in (B, C) else x) for p in (A, B, C)]
+    assert canonical_state(records, 5) == (y, tuple(sorted((B, C), key=lambda p: p.digest)))
+    # A tie: the digest of the smallest peer id, whatever the order of the records.
+    pairs = [LocalProgress(p, 5, 0, 1.0, now, False, x if p in (A, B) else y) for p in (A, B, C, d)]
+    expected = x if smallest in (A, B) else y
+    for order in (pairs, pairs[::-1]):
+        got = canonical_state(order, 5)
+        assert got is not None
+        assert got[0] == expected
+    assert canonical_state(records, 6) is None
+    assert canonical_state([LocalProgress(A, 5, 0, 1.0, now)], 5) is None  # no digest: no vote
+
+
+def test_an_epoch_is_settled_once_nobody_is_still_in_the_epoch_before() -> None:
+    now = 1000.0
+    records = [LocalProgress(A, 5, 0, 1.0, now), LocalProgress(B, 4, 0, 1.0, now), LocalProgress(C, 2, 0, 1.0, now)]
+    assert not settled(records, 5)
+    assert settled(records, 5, ignore={B})  # e.g. a member that failed in our round
+    assert settled(records[:1] + records[2:], 5)  # a peer far behind catches up by download: no vote

@@ -145,3 +145,38 @@ async def test_no_state_anywhere_is_a_clear_error() -> None:
             await StateDownload(ps[1].rpc, CONFIG).run([ps[0].info])
         with pytest.raises(StateSyncError, match="no donors"):
             await StateDownload(ps[1].rpc, CONFIG).run([])
+
+
+async def test_digest_names_the_state_and_downloads_take_only_the_wanted_one() -> None:
+    """Equal states have equal digests (whoever serves them); a download that asks for a digest ignores donors
+    of another state, even a newer one; donors that say they are out of sync are skipped unless allowed."""
+    async with peers(4) as (_, ps):
+        wanted, other = make_state(6, seed=1), make_state(7, seed=2)
+        await ps[0].server.publish(wanted)
+        await ps[1].server.publish(StateSnapshot(6, dict(wanted.metadata), tuple(t.clone() for t in wanted.tensors)))
+        await ps[2].server.publish(other)
+        assert ps[0].server.digest == ps[1].server.digest != ps[2].server.digest
+        download = StateDownload(ps[3].rpc, CONFIG, rng=random.Random(0))
+        state = await download.run([p.info for p in ps[:3]], digest=ps[0].server.digest)
+        assert state.epoch == 6
+        assert_same(state.tensors, wanted.tensors)
+        assert "another state" in download.failures[str(ps[2].info.peer_id)]
+        ps[2].server.in_sync = False
+        skipped = StateDownload(ps[3].rpc, CONFIG, rng=random.Random(0))
+        assert (await skipped.run([p.info for p in ps[:3]])).epoch == 6
+        assert "out of sync" in skipped.failures[str(ps[2].info.peer_id)]
+        allowed = StateDownload(ps[3].rpc, CONFIG, rng=random.Random(0))
+        assert (await allowed.run([p.info for p in ps[:3]], unsynced_ok=True)).epoch == 7
+
+
+async def test_digest_tensors_leave_the_rest_of_the_state_out_of_the_digest() -> None:
+    async with peers(2) as (_, ps):
+        a = make_state(3, seed=1)
+        b = StateSnapshot(3, dict(a.metadata), (a.tensors[0].clone(), a.tensors[1] + 1, *a.tensors[2:]))
+        await ps[0].server.publish(a)
+        await ps[1].server.publish(b)
+        assert ps[0].server.digest != ps[1].server.digest
+        only = {**a.metadata, "digest_tensors": [0, 2]}
+        await ps[0].server.publish(StateSnapshot(3, only, a.tensors))
+        await ps[1].server.publish(StateSnapshot(3, only, b.tensors))
+        assert ps[0].server.digest == ps[1].server.digest

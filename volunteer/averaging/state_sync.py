@@ -17,6 +17,9 @@ donor serves more and no single donor is swamped (the predecessor sent every new
   publish the digest in their progress records to notice that they diverged. A snapshot whose metadata lists
   ``digest_tensors`` (tensor indices) is digested over those tensors only: the part of the state that peers
   in sync share (in local-updates mode each peer's inner optimizer state is its own).
+- A donor says in its manifest whether it is in sync with the swarm (:attr:`StateServer.in_sync`, set by its
+  owner). Downloads skip donors out of sync unless asked (``unsynced_ok``): an advertisement in the DHT may
+  be older than the donor's fall out of sync, and its manifest is not.
 - The download is resumable: parts already verified are kept in the :class:`StateDownload`; if every donor
   failed, :meth:`StateDownload.run` raises :class:`~volunteer.errors.StateSyncError` and a later call with
   new donors fetches only the missing parts.
@@ -128,6 +131,8 @@ class StateServer:
         self._manifest: dict[str, Any] | None = None
         self._digest = b""
         self._flat: list[torch.Tensor] = []
+        self.in_sync = True
+        """Whether the served state is the swarm's (its owner keeps this current; manifests carry it)."""
         self._active = 0
         self.served_parts = 0
         """Parts sent so far (for load accounting)."""
@@ -171,7 +176,7 @@ class StateServer:
     async def _serve_manifest(self, ctx: CallContext, request: Any) -> Any:
         if self._manifest is None:
             raise StateSyncError("this peer has no state to share")
-        return self._manifest
+        return {**self._manifest, "in_sync": self.in_sync}
 
     async def _serve_download(self, call: ServerCall) -> None:
         request = await call.recv()
@@ -269,13 +274,21 @@ class StateDownload:
         """Parts not downloaded yet."""
         return len(self._manifest_parts) - len(self._done)
 
-    async def run(self, donors: Sequence[PeerInfo], *, digest: bytes | None = None) -> DownloadedState:
+    async def run(
+        self, donors: Sequence[PeerInfo], *, digest: bytes | None = None, unsynced_ok: bool = False
+    ) -> DownloadedState:
         """Download (or resume downloading) from ``donors``; raises :class:`StateSyncError` if it cannot
-        finish. Donors with an older epoch than the newest one found are not used; with ``digest``, only
-        donors serving the state of that digest are used."""
+        finish. Donors with an older epoch than the newest one found are not used, nor donors that say they
+        are out of sync (unless ``unsynced_ok``); with ``digest``, only donors serving the state of that
+        digest are used."""
         if not donors:
             raise StateSyncError("no donors to download the state from")
         manifests = await self._manifests(donors)
+        if not unsynced_ok:
+            for peer, m in manifests:
+                if m.get("in_sync") is False:
+                    self.failures[str(peer.peer_id)] = "it is out of sync with the swarm"
+            manifests = [(peer, m) for peer, m in manifests if m.get("in_sync") is not False]
         if digest is not None:
             for peer, m in manifests:
                 if m["digest"] != digest:

@@ -35,11 +35,22 @@ API for the trainer role (stable)::
             await opt.step(len(batch))    # True when a global step (epoch) happened
         await opt.finish_epoch()          # optional: stop contributing, join the current epoch's round
     opt.epoch, opt.stats                  # OptimizerStats: samples/s, rounds ok/partial/failed, ...
-    opt.in_sync                           # False after a failed/partial round until resynchronised
+    opt.in_sync                           # False while our state may differ from the swarm's
 
-After a failed or partial round a peer is *out of sync*: it advertises its state under ``<run>/unsynced``
-(not under the run's key, which joiners and the host's checkpoints read) and, at its next steps, downloads
-the state of an in-sync peer; if every peer is out of sync they agree on the one with the smallest peer id.
+Staying in sync (issue 5: "every peer holds identical parameters at the start of each epoch"). Every peer
+publishes, in its progress record, whether it is in sync and the digest of the state it holds at the start
+of its epoch (:attr:`~volunteer.averaging.state_sync.StateServer.digest`: parameters and optimizer state;
+in local mode parameters and outer state). A round that failed or was partial, or whose group left out
+peers of the epoch (two groups may have formed and stepped apart), makes the peer *out of sync*: it
+advertises its state under ``<run>/unsynced`` (not under the run's key, which joiners and the host's
+checkpoints read) and, **before its step returns** (so the epoch it reports is right), waits up to
+``resync_timeout`` until the epoch's state is decided and takes it: the digest most peers in sync hold
+(:func:`~volunteer.optim.progress.canonical_state`; if nobody is in sync, the digest most peers hold, ties
+to the smallest peer id), decided only once no peer is still in the epoch before (it may be finishing the
+round that produces this one: :func:`~volunteer.optim.progress.settled`); a peer that does not hold it
+downloads it (checked against the digest). Peers in sync keep checking at every refresh, so a peer that
+finds the others in sync hold another state says so (a warning) and downloads it. A peer that cannot settle
+in time says so and keeps trying at its next steps; :attr:`CollaborativeOptimizer.in_sync` tells.
 
 Mixed precision: pass ``scaler`` (a ``torch.amp.GradScaler``) and call ``scaler.scale(loss).backward()``;
 the optimizer unscales, skips batches whose gradients overflowed and updates the scale. ``offload`` keeps
@@ -98,6 +109,7 @@ logger = logging.getLogger(__name__)
 
 _Scheduler = torch.optim.lr_scheduler.LRScheduler
 _DOWNLOAD_ATTEMPTS = 3
+_WITHDRAW_TIMEOUT = 2.0
 
 
 class Mode(enum.StrEnum):
@@ -357,6 +369,10 @@ class CollaborativeOptimizer:
             task.cancel()
         self._background = []
         self._matchmaking = None
+        # Leaving: the others should not wait for us (a fresh record of ours would hold up their decisions).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_WITHDRAW_TIMEOUT):
+                await self.tracker.withdraw()
 
     def _task_group(self) -> asyncio.TaskGroup:
         if self._tg is None:
@@ -447,13 +463,15 @@ class CollaborativeOptimizer:
         also when a peer in sync sees that the peers in sync hold another state than it does."""
         return self._in_sync
 
-    async def _download(self, peers: list[PeerInfo], *, in_sync: bool = True, digest: bytes | None = None) -> bool:
+    async def _download(
+        self, peers: list[PeerInfo], *, in_sync: bool = True, digest: bytes | None = None, unsynced_ok: bool = False
+    ) -> bool:
         download = StateDownload(self.rpc, self.config.sync, rng=random.Random(self.rng.random()))
         try:
             async with asyncio.timeout(self.config.state_sync_timeout):
                 for attempt in range(_DOWNLOAD_ATTEMPTS):
                     try:
-                        state = await download.run(peers, digest=digest)
+                        state = await download.run(peers, digest=digest, unsynced_ok=unsynced_ok)
                         break
                     except StateSyncError as exc:
                         # Donors that moved to a newer epoch mid-download refuse the old one; a new attempt
@@ -581,6 +599,7 @@ class CollaborativeOptimizer:
     async def _advertise(self) -> None:
         """Advertise our state: under the run's key while in sync, under ``<run>/unsynced`` otherwise, so
         joiners and resynchronising peers only download from peers in sync with the swarm."""
+        self.state_server.in_sync = self._in_sync
         epoch = self.state_server.epoch
         if epoch is None:
             return
@@ -594,7 +613,13 @@ class CollaborativeOptimizer:
         """Compare our state with the swarm's for our epoch (see :func:`canonical_state`) once that epoch is
         settled: in sync if we hold it, else download it from its holders. True if we are in sync after."""
         self._next_check = self.clock.time() + self.tracker.refresh_interval(view)
-        if view.epoch != self.epoch or not settled(view.records, self.epoch, self._ignored(view)):
+        # (The swarm's epoch may lag ours while only peers out of sync are in it: decide ours all the same.)
+        if view.epoch > self.epoch or not settled(view.records, self.epoch, self._ignored(view)):
+            return self._in_sync
+        # A quorum: most of the peers known lately hold a state of our epoch (a peer cut off from the others
+        # sees their records go stale and would otherwise find itself the only voter).
+        voters = sum(1 for r in view.records if r.epoch == self.epoch and r.digest)
+        if 2 * voters <= view.known_peers:
             return self._in_sync
         canonical = canonical_state(view.records, self.epoch)
         mine = self.state_server.digest if self.state_server.epoch == self.epoch else b""
@@ -625,12 +650,12 @@ class CollaborativeOptimizer:
         return await self._download_from(holders, digest, self.epoch)
 
     def _ignored(self, view: GlobalProgress) -> frozenset[PeerID]:
-        """Peers whose records in the epoch before ours do not hold up the decision of our epoch's state:
-        members that failed in our last round, and peers whose records have not been refreshed for a while
-        (dead: a peer that lives republishes every refresh interval, which is short at an epoch's end)."""
-        quiet = self.config.matchmaking_time + 4 * self.config.progress.min_refresh
-        old = {r.peer for r in view.records if r.time < view.time - quiet}
-        return self._suspects | old
+        """Peers whose records in the epoch before ours do not hold up the decision of our epoch's state: the
+        members that failed in our last round (if they come, they come out of sync). A record that merely
+        looks old is not ignored: its peer may be cut off or slow rather than dead (a peer that leaves
+        withdraws its record; one that dies stops counting after ``stale_after``)."""
+        del view
+        return self._suspects
 
     async def _download_from(self, holders: Sequence[PeerID], digest: bytes, epoch: int) -> bool:
         """Download the state ``digest`` of ``epoch`` from some of ``holders`` (found through their state
@@ -647,7 +672,7 @@ class CollaborativeOptimizer:
         if not peers:
             logger.info("epoch %d: no advertisement of the swarm's state yet; trying again later", epoch)
             return False
-        return await self._download(list(peers.values()), digest=digest)
+        return await self._download(list(peers.values()), digest=digest, unsynced_ok=True)
 
     async def _settle(self) -> None:
         """After a round that may have left us apart from the swarm: wait (up to ``resync_timeout``) until our
@@ -717,7 +742,7 @@ class CollaborativeOptimizer:
             logger.info("could not look up out-of-sync peers: %s", exc)
             unsynced = []
         newest = [peer for epoch, peer in unsynced if epoch == view.epoch]
-        if newest and await self._download(newest, in_sync=False):
+        if newest and await self._download(newest, in_sync=False, unsynced_ok=True):
             return True
         # Nobody could give us the state: move to the swarm's epoch with our own parameters rather than
         # stall (our samples would never count otherwise); we are out of sync until a resynchronisation.
@@ -764,8 +789,18 @@ class CollaborativeOptimizer:
             if why is not None:
                 logger.warning("epoch %d: %s; applied the local update instead", self.epoch, why)
                 self._in_sync = False
-            elif averaged is None:  # alone in the swarm: our state is the swarm's
+            elif averaged is None and view.known_peers <= 1:  # alone in the swarm: our state is the swarm's
                 self._in_sync = True
+            elif averaged is None:
+                # We stepped alone, yet other peers were in the run lately: cut off from them, or they left
+                # without a word. Our state is ours until compared with theirs.
+                logger.warning(
+                    "epoch %d: stepped alone while %d other peer(s) were in the run lately; out of sync until"
+                    " compared with theirs",
+                    self.epoch,
+                    view.known_peers - 1,
+                )
+                suspect = True
             elif group is not None and len(group.members) < view.num_peers_in_epoch:
                 # Peers of our epoch were left out of our group: they may have averaged in another group (or
                 # not at all) and stepped differently. Compare states before claiming the epoch.
@@ -927,6 +962,7 @@ class CollaborativeOptimizer:
         return metadata, tensors
 
     async def _publish_state(self) -> None:
+        self.state_server.in_sync = self._in_sync and self.state_server.in_sync  # never a new state as in sync early
         metadata, tensors = await self._cpu(self._state_tensors)
         await self.state_server.publish(StateSnapshot(self.epoch, metadata, tuple(tensors)))
         await self._advertise()

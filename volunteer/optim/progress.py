@@ -16,7 +16,10 @@ itself does not pull the swarm's epoch away from the others); the samples accumu
 ``target_batch_size`` are the sum over the fresh records *of that epoch* (a peer still in an older epoch
 contributes nothing to this one until it catches up); the ETA is the missing samples divided by the swarm's
 total samples per second. Records older than ``stale_after`` seconds are ignored: a peer that died stops
-counting after that long even though its record has not expired yet.
+counting after that long even though its record has not expired yet; a peer that leaves says so (a record
+with ``left``, :meth:`ProgressTracker.withdraw`) and stops counting at once. The tracker keeps the records it
+read until newer ones replace them or they go stale, so a read that misses some (a replica slow or cut off)
+does not make the swarm look smaller than it is.
 
 :class:`ProgressTracker` is the asyncio side: :meth:`~ProgressTracker.publish` and
 :meth:`~ProgressTracker.fetch`, plus :meth:`~ProgressTracker.refresh_interval`, which adapts the polling
@@ -33,6 +36,7 @@ API used by the trainer role (stable)::
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable
@@ -81,6 +85,9 @@ class ProgressConfig:
     """Seconds a published record stays in the DHT."""
     max_clock_skew: float = 30.0
     """Records claiming a time further than this in the future are ignored."""
+    remember_for: float = 180.0
+    """Seconds a peer seen in the run counts as known (:attr:`GlobalProgress.known_peers`) after its last record,
+    unless it said it left."""
 
     def __post_init__(self) -> None:
         if not 0 < self.min_refresh <= self.max_refresh:
@@ -109,6 +116,8 @@ class LocalProgress:
     """False while the peer knows (or suspects) that its state differs from the swarm's."""
     digest: bytes = b""
     """Digest of the state the peer held when its epoch began (empty: unknown)."""
+    left: bool = False
+    """The peer left the run (its last record): it no longer counts."""
 
     def to_wire(self) -> dict[str, Any]:
         """Plain msgpack data."""
@@ -120,6 +129,7 @@ class LocalProgress:
             "time": float(self.time),
             "sync": bool(self.in_sync),
             "state": bytes(self.digest),
+            "left": bool(self.left),
         }
 
     @classmethod
@@ -140,10 +150,12 @@ class LocalProgress:
                 raise OptimError(f"a progress record's {name} must be a finite non-negative float")
         if sps > _MAX_RATE:
             raise OptimError("a progress record claims an impossible throughput")
-        in_sync, digest = obj.get("sync", True), obj.get("state", b"")
-        if not isinstance(in_sync, bool) or not isinstance(digest, bytes) or len(digest) > _MAX_DIGEST:
-            raise OptimError("a progress record's sync flag or state digest is malformed")
-        return cls(peer, epoch, samples, sps, time, in_sync, digest)
+        in_sync, digest, left = obj.get("sync", True), obj.get("state", b""), obj.get("left", False)
+        if not isinstance(in_sync, bool) or not isinstance(left, bool):
+            raise OptimError("a progress record's sync and left flags must be booleans")
+        if not isinstance(digest, bytes) or len(digest) > _MAX_DIGEST:
+            raise OptimError(f"a progress record's state digest must be at most {_MAX_DIGEST} bytes")
+        return cls(peer, epoch, samples, sps, time, in_sync, digest, left)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +180,9 @@ class GlobalProgress:
     """When this view was computed."""
     records: tuple[LocalProgress, ...] = ()
     """The fresh records the view was computed from."""
+    known_peers: int = 0
+    """Peers seen in the run lately (``remember_for``), fresh or not, unless they left: a peer cut off from the
+    others sees their records go stale, and must not conclude that it is alone."""
 
     @property
     def ready(self) -> bool:
@@ -179,7 +194,7 @@ def aggregate(
     records: Iterable[LocalProgress], target_batch_size: int, now: float, config: ProgressConfig
 ) -> GlobalProgress:
     """The global view from the records (pure; see the module docstring)."""
-    fresh = [r for r in records if now - config.stale_after <= r.time <= now + config.max_clock_skew]
+    fresh = [r for r in records if now - config.stale_after <= r.time <= now + config.max_clock_skew and not r.left]
     if not fresh:
         return GlobalProgress(0, 0, target_batch_size, 0, 0, 0.0, math.inf, now)
     epoch = max(r.epoch for r in fresh)
@@ -250,6 +265,8 @@ class ProgressTracker:
         """The most recent global view."""
         self.mine: LocalProgress | None = None
         """The most recent record we published."""
+        self._known: dict[PeerID, LocalProgress] = {}
+        self._seen: dict[PeerID, float] = {}
 
     async def publish(self, progress: LocalProgress) -> bool:
         """Store our record (signed through the owner subkey). False if no replica took it; DHT errors are
@@ -263,6 +280,21 @@ class ProgressTracker:
             )
         except DHTError as exc:
             logger.info("could not publish progress: %s", exc)
+            return False
+
+    async def withdraw(self) -> bool:
+        """Leave the swarm's view: overwrite our record with one that says we left (a peer that leaves should
+        not count as in the swarm until ``stale_after`` passes). Best effort, like :meth:`publish`."""
+        mine = self.mine
+        if mine is None:
+            return False
+        now = max(self.node.clock.time(), mine.time)
+        record = LocalProgress(mine.peer, mine.epoch, 0, 0.0, now, mine.in_sync, mine.digest, left=True)
+        self.mine = None
+        try:
+            return await self.node.store(self.key, record.to_wire(), now + self.config.record_ttl, subkey=self.subkey)
+        except DHTError as exc:
+            logger.info("could not withdraw our progress record: %s", exc)
             return False
 
     async def fetch(self) -> GlobalProgress:
@@ -284,9 +316,27 @@ class ProgressTracker:
                 if not isinstance(subkey, str) or subkey != owner_marker_of(record.peer, subkey):
                     continue
                 records[record.peer] = record
+        # A read may miss records (a replica is slow or cut off from us): a record read earlier stands until a
+        # newer one of that peer replaces it or it goes stale, so a bad read never makes the swarm look smaller.
+        now = self.node.clock.time()
+        known = self._known
+        for peer, record in records.items():
+            if peer not in known or record.time >= known[peer].time:
+                known[peer] = record
+        for peer in [p for p, r in known.items() if r.time < now - self.config.stale_after]:
+            del known[peer]
         if self.mine is not None:
-            records[self.mine.peer] = self.mine
-        self.last = aggregate(records.values(), self.target_batch_size, self.node.clock.time(), self.config)
+            known[self.mine.peer] = self.mine
+        seen = self._seen
+        for peer, record in known.items():
+            if record.left:
+                seen.pop(peer, None)
+            elif record.time <= now + self.config.max_clock_skew:
+                seen[peer] = max(seen.get(peer, 0.0), record.time)
+        for peer in [p for p, t in seen.items() if t < now - self.config.remember_for]:
+            del seen[peer]
+        view = aggregate(known.values(), self.target_batch_size, now, self.config)
+        self.last = dataclasses.replace(view, known_peers=len(seen))
         return self.last
 
     def refresh_interval(self, view: GlobalProgress | None = None) -> float:
