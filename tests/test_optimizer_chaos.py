@@ -141,7 +141,7 @@ async def run_chaos(seed: int, epochs: int) -> Record:
     return record
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", [0, 1, 2, *(pytest.param(s, marks=pytest.mark.slow) for s in range(3, 10))])
 def test_peers_claiming_an_epoch_in_sync_hold_identical_parameters(seed: int) -> None:
     record = run_virtual(run_chaos(seed, 10))
     assert record.mismatches() == []
