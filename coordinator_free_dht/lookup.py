@@ -95,6 +95,7 @@ class Lookup:
         "failures",
         "latest",
         "messages",
+        "soft_timeout",
         "target",
         "want_value",
     )
@@ -123,6 +124,9 @@ class Lookup:
         self._started = 0.0
         self._heard = False  # a reply or a failure arrived (ends a value lookup's narrow first round)
         self.entry: Entry | None = None
+        self.soft_timeout = self.config.soft_timeout
+        """The soft timeout in force (``config.soft_timeout``); a driver may move it with the round-trip
+        times it measures (node.py does) and it takes effect at the next :meth:`next_requests`."""
         self.done = False
         self.messages = 0
         self.failures = 0
@@ -139,7 +143,7 @@ class Lookup:
         if self.done:
             return []
         config = self.config
-        cutoff = now - config.soft_timeout
+        cutoff = now - self.soft_timeout
         sent = self._sent
         active = sum(1 for t in sent.values() if t > cutoff)
         alpha = config.alpha
@@ -211,7 +215,7 @@ class Lookup:
         """When the next in-flight request passes its soft timeout (call :meth:`next_requests` then)."""
         if self.done:
             return None
-        soft = self.config.soft_timeout
+        soft = self.soft_timeout
         pending = [t + soft for t in self._sent.values() if t + soft > now]
         if self._narrow(now):
             pending.append(self._started + self.config.value_hedge_delay)

@@ -576,15 +576,25 @@ class DHTProtocol:
                 self._published[key] = (record, now + self.config.republish_interval)
         return due
 
-    def new_lookup(self, target: int, now: float, *, want_value: bool = False, latest: bool = False) -> Lookup:
-        """A lookup for ``target`` seeded with our nearest contacts; blacklisted peers and we are skipped."""
+    def new_lookup(
+        self,
+        target: int,
+        now: float,
+        *,
+        want_value: bool = False,
+        latest: bool = False,
+        config: LookupConfig | None = None,
+    ) -> Lookup:
+        """A lookup for ``target`` seeded with our nearest contacts; blacklisted peers and we are skipped.
+
+        ``config`` replaces :attr:`ProtocolConfig.lookup` for this one lookup (seeding still takes its ``k``)."""
         self.table.touch(target, now)
         own, table = self.node_id, self.table
 
         def skip(node_id: int) -> bool:
             return node_id == own or table.is_blacklisted(node_id, now)
 
-        lookup = Lookup(target, want_value=want_value, latest=latest, config=self.config.lookup, skip=skip)
+        lookup = Lookup(target, want_value=want_value, latest=latest, config=config or self.config.lookup, skip=skip)
         lookup.start(table.nearest(target, self.config.lookup.k), now)
         return lookup
 

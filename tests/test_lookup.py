@@ -179,3 +179,19 @@ def test_value_lookup_asks_the_closest_first_then_widens() -> None:
     for lookup in (Lookup(target, config=config), Lookup(target, want_value=True, latest=True, config=config)):
         lookup.start(origin.nearest(target, K), now=0.0)
         assert len(lookup.next_requests(0.0)) == 3
+
+
+def test_soft_timeout_can_be_moved_by_the_driver() -> None:
+    tables = _network(60, seed=8)
+    target = random.Random(9).getrandbits(ID_BITS)
+    origin = tables[next(iter(tables))]
+    lookup = Lookup(target, config=LookupConfig(k=K, alpha=2, soft_timeout=0.5))
+    lookup.start(origin.nearest(target, K), now=0.0)
+    assert lookup.soft_timeout == 0.5
+    assert len(lookup.next_requests(0.0)) == 2
+    assert lookup.get_timer(0.0) == 0.5
+    # The driver measured slow round trips: the two requests keep their slots past 0.5 s.
+    lookup.soft_timeout = 2.0
+    assert lookup.get_timer(0.6) == 2.0
+    assert lookup.next_requests(0.6) == []
+    assert len(lookup.next_requests(2.0)) == 2  # now they count as slow: two more go out

@@ -448,3 +448,19 @@ async def test_optimistic_store_one_round_of_requests_and_every_replica_holds_it
         assert not await nodes[2].store("opt-0", "older", expiration - 10)
         found = await nodes[11].get("opt-0", latest=True)
         assert found == ValueWithExpiration("newer", expiration + 10)
+
+
+def test_rtt_estimator_sets_the_soft_timeout_of_lookups() -> None:
+    from coordinator_free_dht.node import _RTTEstimator
+
+    rtt = _RTTEstimator()
+    assert rtt.timeout(0.5, 5.0) == 0.5  # no sample yet: the configured floor
+    for _ in range(20):
+        rtt.sample(0.001)  # a fast network: the floor still applies
+    assert rtt.timeout(0.5, 5.0) == 0.5
+    for _ in range(20):
+        rtt.sample(1.5)  # a busy loop or a slow path: about srtt + 4 * rttvar
+    assert 1.4 < rtt.timeout(0.5, 5.0) < 5.0
+    for _ in range(50):
+        rtt.sample(30.0)
+    assert rtt.timeout(0.5, 5.0) == 5.0  # never beyond the RPC deadline
