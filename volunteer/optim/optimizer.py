@@ -47,7 +47,10 @@ checkpoints read) and, **before its step returns** (so the epoch it reports is r
 ``resync_timeout`` until the epoch's state is decided and takes it: the digest most peers in sync hold
 (:func:`~volunteer.optim.progress.canonical_state`; if nobody is in sync, the digest most peers hold, ties
 to the smallest peer id), decided only once no peer is still in the epoch before (it may be finishing the
-round that produces this one: :func:`~volunteer.optim.progress.settled`); a peer that does not hold it
+round that produces this one: :func:`~volunteer.optim.progress.settled`) and most peers seen in the run
+lately hold a state of this epoch (a peer cut off from the others sees their records go stale and must not
+find itself the only voter; nor does a peer that stepped alone while others were known claim to be in
+sync); a peer that does not hold it
 downloads it (checked against the digest). Peers in sync keep checking at every refresh, so a peer that
 finds the others in sync hold another state says so (a warning) and downloads it. A peer that cannot settle
 in time says so and keeps trying at its next steps; :attr:`CollaborativeOptimizer.in_sync` tells.
@@ -464,11 +467,21 @@ class CollaborativeOptimizer:
         return self._in_sync
 
     async def _download(
-        self, peers: list[PeerInfo], *, in_sync: bool = True, digest: bytes | None = None, unsynced_ok: bool = False
+        self,
+        peers: list[PeerInfo],
+        *,
+        in_sync: bool = True,
+        digest: bytes | None = None,
+        unsynced_ok: bool = False,
+        transfer_limit: float | None = None,
     ) -> bool:
         download = StateDownload(self.rpc, self.config.sync, rng=random.Random(self.rng.random()))
+        limit = self.config.state_sync_timeout
+        if transfer_limit is not None:
+            limit = min(limit, transfer_limit)
         try:
-            async with asyncio.timeout(self.config.state_sync_timeout):
+            # Only the transfer is timed: once the state is here it is applied and published in full.
+            async with asyncio.timeout(max(0.0, limit)):
                 for attempt in range(_DOWNLOAD_ATTEMPTS):
                     try:
                         state = await download.run(peers, digest=digest, unsynced_ok=unsynced_ok)
@@ -609,7 +622,7 @@ class CollaborativeOptimizer:
         except DHTError as exc:
             logger.info("could not advertise our state: %s", exc)
 
-    async def _check_sync(self, view: GlobalProgress) -> bool:
+    async def _check_sync(self, view: GlobalProgress, transfer_limit: float | None = None) -> bool:
         """Compare our state with the swarm's for our epoch (see :func:`canonical_state`) once that epoch is
         settled: in sync if we hold it, else download it from its holders. True if we are in sync after."""
         self._next_check = self.clock.time() + self.tracker.refresh_interval(view)
@@ -647,7 +660,7 @@ class CollaborativeOptimizer:
             self._in_sync = False
             await self._advertise()
             await self._publish()
-        return await self._download_from(holders, digest, self.epoch)
+        return await self._download_from(holders, digest, self.epoch, transfer_limit=transfer_limit)
 
     def _ignored(self, view: GlobalProgress) -> frozenset[PeerID]:
         """Peers whose records in the epoch before ours do not hold up the decision of our epoch's state: the
@@ -657,7 +670,9 @@ class CollaborativeOptimizer:
         del view
         return self._suspects
 
-    async def _download_from(self, holders: Sequence[PeerID], digest: bytes, epoch: int) -> bool:
+    async def _download_from(
+        self, holders: Sequence[PeerID], digest: bytes, epoch: int, *, transfer_limit: float | None = None
+    ) -> bool:
         """Download the state ``digest`` of ``epoch`` from some of ``holders`` (found through their state
         advertisements, in sync or not). True once we hold it (we are then in sync)."""
         wanted = set(holders) - {self.node.peer_id}
@@ -672,7 +687,9 @@ class CollaborativeOptimizer:
         if not peers:
             logger.info("epoch %d: no advertisement of the swarm's state yet; trying again later", epoch)
             return False
-        return await self._download(list(peers.values()), digest=digest, unsynced_ok=True)
+        return await self._download(
+            list(peers.values()), digest=digest, unsynced_ok=True, transfer_limit=transfer_limit
+        )
 
     async def _settle(self) -> None:
         """After a round that may have left us apart from the swarm: wait (up to ``resync_timeout``) until our
@@ -685,7 +702,7 @@ class CollaborativeOptimizer:
                 await self._catch_up(view)
                 if self._in_sync:
                     return
-            elif await self._check_sync(view):
+            elif await self._check_sync(view, transfer_limit=deadline - loop.time()):
                 return
             if loop.time() >= deadline:
                 logger.warning(
