@@ -15,6 +15,7 @@ from coordinator_free_dht.identity import Identity
 from coordinator_free_dht.net.memory import LinkProfile, MemoryNetwork, MemoryTransport
 from coordinator_free_dht.net.rpc import RPC, PeerInfo, ServerCall
 from coordinator_free_dht.testing.clock import virtual_time
+from volunteer.averaging import averager as averager_module
 from volunteer.averaging.allreduce import Aggregation, weighted_mean
 from volunteer.averaging.averager import (
     METHOD,
@@ -395,3 +396,18 @@ async def test_tight_send_ahead_and_window_still_complete(send_ahead: int, windo
         assert len(result.parts) >= 30  # about ten parts per span, so the pacing is exercised
         for got, expected in zip(tensors[i], want, strict=True):
             assert torch.equal(got, expected)
+
+
+def test_buffer_pool_recycles_only_its_own_buffers() -> None:
+    pool = averager_module._BufferPool(keep=1)
+    first = pool.take_values(1000, torch.float32)
+    pool.give(first)
+    again = pool.take(4000)
+    assert again.data_ptr() == first.data_ptr()  # the same memory, no fresh pages
+    foreign = torch.empty(1000)
+    pool.give(foreign)  # not lent by the pool: ignored
+    assert pool.take(4000).data_ptr() not in (foreign.data_ptr(), again.data_ptr())
+    pool.give(again)
+    pool.give(again)  # given twice: the second is ignored, nothing is handed out twice
+    assert pool.take(4000).data_ptr() == again.data_ptr()
+    assert pool.take(4000).data_ptr() != again.data_ptr()

@@ -21,6 +21,7 @@ from volunteer.tensors.serialization import (
     TensorDecoder,
     TensorHeader,
     TensorLimits,
+    decode_sent,
     deserialize,
     dumps,
     loads,
@@ -396,3 +397,29 @@ def test_dumps_includes_a_checksum_by_default() -> None:
     length = int.from_bytes(data[:4], "little")
     header = msgpack.unpackb(data[4 : 4 + length], raw=False)
     assert header["crc32"] == zlib.crc32(data[4 + length :])
+
+
+@pytest.mark.parametrize("codec", [CodecId.NONE, CodecId.FP16, CodecId.BLOCKWISE8])
+def test_decoder_into_a_reused_buffer_and_output(codec: CodecId) -> None:
+    x = torch.randn(5000)
+    serialized = serialize(x, Compression(codec), chunk_size=1000)
+    expected = deserialize(serialized.header, serialized.chunks)
+    buffer = torch.full((serialized.header.raw_nbytes + 77,), 0xAB, dtype=torch.uint8)  # larger, dirty
+    decoder = TensorDecoder(serialized.header, buffer)
+    for chunk in serialized.chunks:
+        decoder.feed(chunk)
+    out = torch.full((5000,), math.nan)
+    result = decoder.finish(out)
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.equal(out, expected)
+    assert decoder.buffer.data_ptr() == buffer.data_ptr()
+    # What the sender decodes from what it kept is exactly what the receiver got.
+    assert torch.equal(decode_sent(serialized, torch.empty(5000)), expected)
+
+
+def test_decoder_refuses_an_unfit_buffer() -> None:
+    header = serialize(torch.randn(100)).header
+    with pytest.raises(TensorError, match="cannot hold"):
+        TensorDecoder(header, torch.empty(399, dtype=torch.uint8))
+    with pytest.raises(TensorError, match="uint8"):
+        TensorDecoder(header, torch.empty(400, dtype=torch.float32))

@@ -317,9 +317,17 @@ class TensorDecoder:
     raises :class:`TensorError`; after that the decoder is spent.
     """
 
-    def __init__(self, header: TensorHeader) -> None:
+    def __init__(self, header: TensorHeader, buffer: torch.Tensor | None = None) -> None:
         self.header = header
-        self._buffer = torch.empty(header.raw_nbytes, dtype=torch.uint8)
+        if buffer is None:
+            self._buffer = torch.empty(header.raw_nbytes, dtype=torch.uint8)
+        else:
+            # A reused buffer (a receiver recycling memory: fresh pages cost a page fault each).
+            if buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous():
+                raise TensorError("a tensor decoder's buffer must be a contiguous 1-D uint8 tensor")
+            if buffer.numel() < header.raw_nbytes:
+                raise TensorError(f"a buffer of {buffer.numel()} bytes cannot hold {header.raw_nbytes}")
+            self._buffer = buffer[: header.raw_nbytes]
         self._view = _byte_view(self._buffer) if header.raw_nbytes else memoryview(bytearray())
         self._received = 0
         self._crc = 0
@@ -336,9 +344,16 @@ class TensorDecoder:
             )
 
     @classmethod
-    def from_wire(cls, obj: object, limits: TensorLimits | None = None) -> TensorDecoder:
+    def from_wire(
+        cls, obj: object, limits: TensorLimits | None = None, buffer: torch.Tensor | None = None
+    ) -> TensorDecoder:
         """A decoder for a header map received from a peer (checked by :meth:`TensorHeader.from_wire`)."""
-        return cls(TensorHeader.from_wire(obj, limits))
+        return cls(TensorHeader.from_wire(obj, limits), buffer)
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The payload buffer (uint8) the chunks are copied into."""
+        return self._buffer
 
     @property
     def expected(self) -> int:
