@@ -31,12 +31,17 @@ straight into them, so a round holds only a few parts per peer beyond the tensor
 about 0.2x the tensor size at 4 peers x 64M floats with ``none``, 0.4x with fp16 or 8-bit).
 
 Speed: spans are cut into at least ``pipeline_parts`` parts so that sending, reducing and returning results
-overlap even for small tensors; chunks fit one frame of the TLS bulk path; the finite check is one
-vectorised sum per part; the mean is accumulated in float64 without a temporary per contribution. Work on
-at least ``offload_elements`` elements (encoding, decoding, aggregating) runs in ``asyncio.to_thread``;
-smaller work runs inline, because a busy worker thread makes the event loop wait for the GIL after every
-torch call or socket operation. What remains per byte is mostly the transport (TLS, asyncio's SSL
-protocol, the stream multiplexer): see ``scripts/bench_averaging.py --profile``.
+overlap even for small tensors, but parts stay large (up to ``part_elements``), because every part costs a
+fixed few hundred microseconds; chunks fit one frame of the TLS bulk path; the finite check is one
+vectorised sum per part; the mean is accumulated in float64 through a cache-sized accumulator; a lossy
+reducer means, encodes and decodes in place in our tensor; receive buffers are recycled within the round
+(:class:`_BufferPool`: fresh multi-MiB buffers cost a page fault per page). Parts carry no checksum: TLS and
+QUIC authenticate every byte, and values are checked for NaN/inf. Work on at least ``offload_elements``
+elements (encoding, decoding, aggregating) runs in ``asyncio.to_thread``; smaller work runs inline, because
+a busy worker thread makes the event loop wait for the GIL after every torch call or socket operation.
+What remains per byte is mostly the transport (TLS through asyncio's SSL protocol: encryption, the memory
+BIOs' copies, one ``SSLObject.read`` per 16 KiB record; the stream multiplexer): see
+``scripts/bench_averaging.py --profile``.
 """
 
 from __future__ import annotations
