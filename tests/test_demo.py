@@ -28,3 +28,28 @@ def test_demo_short_loss_falls(tmp_path: Path) -> None:
     assert summary["epochs"] >= 1
     assert summary["in_sync"] is True
     assert any(line.startswith("loss ") for line in lines)  # the human summary, on its own line
+
+
+def test_sync_check_compares_claims_and_leaves_out_reports_that_say_out_of_sync() -> None:
+    from volunteer.demo import PeerLog, sync_check
+
+    def peer(name: str, *epochs: tuple[int, str, bool]) -> PeerLog:
+        log = PeerLog(name)
+        log.epochs = [{"epoch": e, "param_hash": h, **({} if ok else {"in_sync": False})} for e, h, ok in epochs]
+        return log
+
+    same = [peer("a", (1, "x", True), (2, "y", True)), peer("b", (1, "x", True), (2, "y", True))]
+    assert sync_check(same) == {
+        "in_sync": True,
+        "sync_epochs": 2,
+        "sync_mismatches": 0,
+        "out_of_sync_reports": 0,
+        "last_common_epoch": 2,
+    }
+    apart = [peer("a", (1, "x", True), (2, "y", True)), peer("b", (1, "z", True), (2, "y", True))]
+    assert sync_check(apart)["sync_mismatches"] == 1
+    assert sync_check(apart)["in_sync"] is False
+    # b said it was out of sync at epoch 1 (and resynchronised by epoch 2): no mismatch, but counted.
+    said = [peer("a", (1, "x", True), (2, "y", True)), peer("b", (1, "z", False), (2, "y", True))]
+    result = sync_check(said)
+    assert (result["in_sync"], result["sync_mismatches"], result["out_of_sync_reports"]) == (True, 0, 1)

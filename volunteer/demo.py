@@ -247,11 +247,17 @@ def sync_check(peers: list[PeerLog]) -> dict[str, Any]:
 
     ``in_sync``: every epoch that several peers reached has one hash, and the last epoch every peer reached
     was reported by all of them with the same hash. ``sync_epochs`` counts the epochs compared;
-    ``sync_mismatches`` the epochs where peers disagreed.
+    ``sync_mismatches`` the epochs where peers disagreed. An epoch report that says ``"in_sync": false`` (the
+    peer knew its state might differ and was resynchronising) is no claim: it is left out of the comparison
+    and counted in ``out_of_sync_reports``.
     """
     by_epoch: dict[int, dict[str, str]] = {}
+    unsynced = 0
     for peer in peers:
         for e in peer.epochs:
+            if e.get("in_sync") is False:  # the peer said its state may differ (it resynchronises): no claim
+                unsynced += 1
+                continue
             by_epoch.setdefault(int(e["epoch"]), {})[peer.name] = str(e["param_hash"])
     shared = {epoch: hashes for epoch, hashes in by_epoch.items() if len(hashes) > 1}
     mismatches = sorted(epoch for epoch, hashes in shared.items() if len(set(hashes.values())) > 1)
@@ -263,6 +269,7 @@ def sync_check(peers: list[PeerLog]) -> dict[str, Any]:
         "in_sync": bool(final_ok and not mismatches),
         "sync_epochs": len(shared),
         "sync_mismatches": len(mismatches),
+        "out_of_sync_reports": unsynced,
         "last_common_epoch": last_common,
     }
 
