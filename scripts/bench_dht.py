@@ -5,7 +5,8 @@ from random nodes, first one at a time, then with ``--concurrency`` in flight. R
 p50/p95 latency of stores and gets (sequential phase under the plain keys, the concurrent phase under
 ``concurrent_*``), operations per second, the time until all N nodes had joined, and memory per node.
 
-``--processes`` runs every node in its own process (this script with ``--worker``), driven over stdin/stdout
+``--processes`` runs every node in its own process (this script with ``--worker``, started like the standalone
+node ``python -m coordinator_free_dht``: no stdlib OpenSSL, freed heap handed back once joined), driven over stdin/stdout
 JSON lines; latencies are measured inside the node's process, so they exclude the driver's pipes. Then
 ``bootstrap_s`` includes interpreter start-up, and ``rss_mb_per_node`` is the mean RSS of the node processes
 (``uss_mb_per_node``: memory unique to each process, i.e. without shared libraries). In one process,
