@@ -155,11 +155,12 @@ class CollaborativeConfig:
     """State download settings."""
     state_ttl: float = 60.0
     """Seconds a state advertisement stays in the DHT (republished at half that)."""
-    resync_timeout: float = 15.0
+    resync_timeout: float | None = None
     """Seconds a peer that may have diverged (its round failed or was partial, or its group left out peers
     of its epoch) waits, before its step returns, until the swarm's state for its new epoch is decided and
     downloaded if it is not ours. Past that it reports the epoch out of sync and keeps checking at later
-    steps."""
+    steps. None: long enough for the other peers to finish the round they may be in (two matchmaking
+    windows, the all-reduce timeout, and 5 s), see :attr:`settle_timeout`."""
     overlap_matchmaking: bool = True
     """When the swarm reaches the target before our group is formed, keep training (those batches count
     towards this epoch) instead of waiting for the matchmaking window to end."""
@@ -180,13 +181,20 @@ class CollaborativeConfig:
                 self.allreduce_timeout,
                 self.state_sync_timeout,
                 self.epoch_timeout,
-                self.resync_timeout,
+                self.settle_timeout,
             )
             <= 0
         ):
             raise OptimError("every time limit must be positive")
         if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
             raise OptimError("outer_lr must be positive and outer_momentum in [0, 1)")
+
+    @property
+    def settle_timeout(self) -> float:
+        """:attr:`resync_timeout`, or its default from the other time limits."""
+        if self.resync_timeout is not None:
+            return self.resync_timeout
+        return 2 * self.matchmaking_time + self.allreduce_timeout + 5.0
 
     @classmethod
     def from_spec(cls, spec: AveragingSpec, **overrides: Any) -> CollaborativeConfig:
@@ -695,7 +703,7 @@ class CollaborativeOptimizer:
         """After a round that may have left us apart from the swarm: wait (up to ``resync_timeout``) until our
         epoch's state is decided, and take it. Says so if that does not happen in time."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.resync_timeout
+        deadline = loop.time() + self.config.settle_timeout
         while True:
             view = await self._refresh()
             if view.epoch > self.epoch:
@@ -709,7 +717,7 @@ class CollaborativeOptimizer:
                     "epoch %d: still out of sync with the swarm after %gs (its state is not decided or could "
                     "not be downloaded); our parameters may differ from the other peers' until we resynchronise",
                     self.epoch,
-                    self.config.resync_timeout,
+                    self.config.settle_timeout,
                 )
                 return
             await asyncio.sleep(self.tracker.config.min_refresh)
