@@ -359,3 +359,23 @@ def test_large_constant_tensor_is_exact(codec: CodecId) -> None:
         assert torch.isfinite(y).all()
     else:
         assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize("codec", [CodecId.FP16, CodecId.BF16, CodecId.BLOCKWISE8])
+def test_encode_into_a_given_buffer_matches_a_fresh_encoding(codec: CodecId) -> None:
+    x = torch.randn(10_000) * 3
+    compression = Compression(codec)
+    fresh = encode(x, compression)
+    buffer = torch.full((fresh.payload.numel(),), 0xCD, dtype=torch.uint8)
+    into = encode(x, compression, buffer)
+    assert into.payload.data_ptr() == buffer.data_ptr()
+    assert torch.equal(into.payload, fresh.payload)
+    assert into.params == fresh.params
+    # A case the buffer does not fit (non-finite values need a longer payload): encoded as usual, unharmed.
+    x[17] = math.nan
+    special = encode(x, compression, buffer)
+    assert special.payload.data_ptr() != buffer.data_ptr() or codec is not CodecId.BLOCKWISE8
+    values = decode(special.payload, codec, torch.float32, x.numel(), special.params)
+    assert math.isnan(float(values[17]))
+    # A buffer of the wrong size is not used.
+    assert encode(x[:100], compression, buffer).payload.data_ptr() != buffer.data_ptr()

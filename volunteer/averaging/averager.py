@@ -382,8 +382,20 @@ class _Round:
                 return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    def _serialize(self, values: torch.Tensor) -> SerializedTensor:
-        return serialize(values, self.config.compression, chunk_size=self.config.chunk_bytes)
+    def _serialize(self, values: torch.Tensor, out: torch.Tensor | None = None) -> SerializedTensor:
+        return serialize(values, self.config.compression, chunk_size=self.config.chunk_bytes, out=out)
+
+    def _encoding_buffer(self, values: torch.Tensor) -> torch.Tensor | None:
+        """A pooled buffer of the payload size that fp16, bf16 and blockwise 8-bit encode real values into."""
+        compression = self.config.compression
+        if values.is_complex() or not values.is_floating_point():
+            return None
+        n = values.numel()
+        if compression.codec in (CodecId.FP16, CodecId.BF16) and values.dtype not in (torch.float16, torch.bfloat16):
+            return self.pool.take(2 * n)
+        if compression.codec is CodecId.BLOCKWISE8 and compression.zstd_level is None:
+            return self.pool.take(4 * -(-n // compression.block_size) + n)
+        return None
 
     async def _receive_tensor(
         self, call: ServerCall | ClientCall, wire: object, part: Part, wait: float
@@ -630,11 +642,15 @@ class _Round:
                 if self._lossless:
                     serialized = self._serialize(view)
                 else:
-                    serialized = await self._cpu(part.numel, self._serialize, view)
+                    buffer = self._encoding_buffer(view)
+                    serialized = await self._cpu(part.numel, self._serialize, view, buffer)
                 await call.send({"position": part.position, "tensor": serialized.header.to_wire()})
                 for chunk in serialized.chunks:
                     await call.send_bytes(chunk)
                     self.bytes_sent += chunk.nbytes
+                if serialized.encoded is not None and not self._lossless:
+                    # Sent (the transport encrypted it synchronously): the buffer can take the next part.
+                    self.pool.give(serialized.encoded)
         await call.done_sending()
 
     async def _receive_results(

@@ -224,18 +224,21 @@ def _finite_float(params: Mapping[str, object], key: str) -> float:
     return float(value)
 
 
-def _saturating_cast(x: torch.Tensor, dtype: torch.dtype, limit: float) -> torch.Tensor:
-    """Cast to ``dtype``, finite values beyond +-``limit`` saturating there, NaN and +-inf kept as they are."""
+def _saturating_cast(
+    x: torch.Tensor, dtype: torch.dtype, limit: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cast to ``dtype``, finite values beyond +-``limit`` saturating there, NaN and +-inf kept as they are
+    (into ``out``, ``x``'s shape in ``dtype``, if given)."""
     if x.numel():
         low, high = (float(v) for v in torch.aminmax(x))
         if -limit <= low and high <= limit:
             # The common case (all finite and in range): a single cast. NaN fails both comparisons.
-            return x.to(dtype)
+            return x.to(dtype) if out is None else out.copy_(x)
     y = x.clamp(-limit, limit)
     infinite = torch.isinf(x)
     if bool(infinite.any()):
         y = torch.where(infinite, x, y)
-    return y.to(dtype)
+    return y.to(dtype) if out is None else out.copy_(y)
 
 
 def _to_float32(x: torch.Tensor) -> torch.Tensor:
@@ -299,7 +302,7 @@ class Codec(abc.ABC):
         return dtype in LOSSY_DTYPES
 
     @abc.abstractmethod
-    def encode(self, x: torch.Tensor, compression: Compression) -> Encoded:
+    def encode(self, x: torch.Tensor, compression: Compression, out: torch.Tensor | None = None) -> Encoded:
         """Encode a flat, contiguous, non-empty CPU tensor of a supported real dtype."""
 
     @abc.abstractmethod
@@ -327,12 +330,14 @@ class _StatisticsCodec(Codec):
 
     keeps_nonfinite = False
 
-    def encode_common(self, x: torch.Tensor, compression: Compression) -> Encoded | None:
+    def encode_common(
+        self, x: torch.Tensor, compression: Compression, out: torch.Tensor | None = None
+    ) -> Encoded | None:
         """A shortcut for the common case (every value finite and within ``_STATISTICS_LIMIT``) that needs
         no minimum and maximum of the whole tensor, or ``None`` to take the general path."""
         return None
 
-    def encode(self, x: torch.Tensor, compression: Compression) -> Encoded:
+    def encode(self, x: torch.Tensor, compression: Compression, out: torch.Tensor | None = None) -> Encoded:
         """Encode a tensor without non-finite values (the caller, :func:`encode`, ensures that)."""
         x32 = _to_float32(x)
         low, high = (float(v) for v in torch.aminmax(x32))
@@ -353,7 +358,7 @@ class NoneCodec(Codec):
         """Every wire dtype."""
         return dtype in _DTYPE_NAMES
 
-    def encode(self, x: torch.Tensor, compression: Compression) -> Encoded:
+    def encode(self, x: torch.Tensor, compression: Compression, out: torch.Tensor | None = None) -> Encoded:
         """The tensor's own memory, not copied."""
         return Encoded({}, _as_bytes(x))
 
@@ -376,11 +381,12 @@ class _CastCodec(Codec):
     wire_dtype: ClassVar[torch.dtype]
     limit: ClassVar[float]
 
-    def encode(self, x: torch.Tensor, compression: Compression) -> Encoded:
-        """Saturating cast; NaN and +-inf kept."""
+    def encode(self, x: torch.Tensor, compression: Compression, out: torch.Tensor | None = None) -> Encoded:
+        """Saturating cast; NaN and +-inf kept (into ``out``, ``2 * numel`` bytes of uint8, if given)."""
         if x.dtype == self.wire_dtype:
             return Encoded({}, _as_bytes(x))
-        return Encoded({}, _as_bytes(_saturating_cast(x, self.wire_dtype, self.limit)))
+        target = None if out is None else out.view(self.wire_dtype)
+        return Encoded({}, _as_bytes(_saturating_cast(x, self.wire_dtype, self.limit, target)))
 
     def payload_nbytes(self, numel: int, dtype: torch.dtype, params: Params) -> int:
         """Two bytes per value."""
@@ -630,13 +636,15 @@ class Blockwise8Codec(_StatisticsCodec):
     codec_id = CodecId.BLOCKWISE8
     param_names = frozenset({"block_size"})
 
-    def encode_common(self, x: torch.Tensor, compression: Compression) -> Encoded | None:
+    def encode_common(
+        self, x: torch.Tensor, compression: Compression, out: torch.Tensor | None = None
+    ) -> Encoded | None:
         """Without the whole tensor's minimum and maximum: one sum proves every value finite (NaN or infinity
         makes it non-finite; a sum that merely overflows takes the general path), and the block scales
         computed anyway prove every value within ``_STATISTICS_LIMIT``."""
         if not math.isfinite(float(torch.sum(x))):
             return None
-        encoded = self.encode_finite(x, compression, 0.0, 0.0)
+        encoded = self._encode_blocks(x, compression, out)
         blocks = -(-x.numel() // compression.block_size)
         scales = encoded.payload[: 4 * blocks].view(torch.float32)
         if float(scales.max()) * 127.0 > _STATISTICS_LIMIT:
@@ -645,10 +653,13 @@ class Blockwise8Codec(_StatisticsCodec):
 
     def encode_finite(self, x: torch.Tensor, compression: Compression, low: float, high: float) -> Encoded:
         """Payload: one float32 scale per block (``absmax / 127``), then one int8 code per value."""
+        return self._encode_blocks(x, compression, None)
+
+    def _encode_blocks(self, x: torch.Tensor, compression: Compression, target: torch.Tensor | None) -> Encoded:
         block = compression.block_size
         n = x.numel()
         blocks = -(-n // block)
-        out = torch.empty(4 * blocks + n, dtype=torch.uint8)
+        out = torch.empty(4 * blocks + n, dtype=torch.uint8) if target is None else target
         scales = out[: 4 * blocks].view(torch.float32)
         codes = out[4 * blocks :].view(torch.int8)
         scratch = torch.empty(min(n, max(_CHUNK, block)), dtype=torch.float32)
@@ -728,12 +739,14 @@ def _values_view(dtype: torch.dtype, numel: int, codec: Codec) -> tuple[torch.dt
     return dtype, numel
 
 
-def encode(x: torch.Tensor, compression: Compression) -> Encoded:
+def encode(x: torch.Tensor, compression: Compression, out: torch.Tensor | None = None) -> Encoded:
     """Encode the values of a CPU tensor (any shape; the shape travels separately) with ``compression.codec``.
 
     The result's payload may share memory with ``x`` (``none``, and ``fp16``/``bf16`` of a tensor already in
     that dtype): keep ``x`` unchanged until the payload is sent. zstd is applied by the serializer, not here.
-    CPU-heavy for large tensors: call it through ``asyncio.to_thread`` from async code.
+    CPU-heavy for large tensors: call it through ``asyncio.to_thread`` from async code. ``out`` (uint8, the
+    exact payload size of the common case: every value finite) is a buffer to encode into, for callers that
+    recycle memory; codecs and cases that cannot use it allocate as usual (compare the result's payload).
     """
     codec = CODECS[compression.codec]
     if not codec.supports(x.dtype):
@@ -748,10 +761,15 @@ def encode(x: torch.Tensor, compression: Compression) -> Encoded:
         if not codec.keeps_nonfinite:
             params["nonfinite"] = 0
         return Encoded(params, torch.empty(0, dtype=torch.uint8))
+    if out is not None and (out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous()):
+        raise TensorError("an encoding buffer must be a contiguous 1-D uint8 tensor")
     if not isinstance(codec, _StatisticsCodec):
-        return codec.encode(flat, compression)
+        expected = codec.payload_nbytes(flat.numel(), flat.dtype, {}) if codec.lossy else -1
+        return codec.encode(flat, compression, out if out is not None and out.numel() == expected else None)
     x32 = _to_float32(flat)
-    fast = codec.encode_common(x32, compression)
+    blocks = -(-x32.numel() // compression.block_size)
+    fit = out is not None and out.numel() == 4 * blocks + x32.numel()
+    fast = codec.encode_common(x32, compression, out if fit else None)
     if fast is not None:
         return Encoded({**fast.params, "nonfinite": 0}, fast.payload)
     low, high = (float(v) for v in torch.aminmax(x32))

@@ -225,11 +225,13 @@ def serialize(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     checksum: bool = False,
+    out: torch.Tensor | None = None,
 ) -> SerializedTensor:
     """Encode ``tensor`` for the wire, without copying where the codec allows (``none``: zero copies).
 
     ``requires_grad`` and the device are not sent: the receiver always gets a plain CPU tensor. CPU-heavy for
-    large tensors: from async code call it through ``asyncio.to_thread``.
+    large tensors: from async code call it through ``asyncio.to_thread``. ``out``: a uint8 buffer the codec
+    may encode into (see :func:`~volunteer.tensors.codecs.encode`).
     """
     compression = compression or Compression()
     if not isinstance(tensor, torch.Tensor):
@@ -242,7 +244,7 @@ def serialize(
         raise TensorError("the tensor wire format is little-endian; this platform is not")
     dtype_name(tensor.dtype)
     values = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
-    encoded = encode(values, compression)
+    encoded = encode(values, compression, out)
     raw = _readonly_bytes(encoded.payload)
     zstd = compression.zstd_level is not None
     if zstd:
