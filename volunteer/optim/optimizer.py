@@ -369,8 +369,27 @@ class CollaborativeOptimizer:
     ) -> None:
         stack, self._stack = self._stack, None
         if stack is not None:
+            if exc_type is None:
+                await self._finish_pending_round()
             await stack.__aexit__(exc_type, exc, tb)
         self._tg = None
+
+    async def _finish_pending_round(self) -> None:
+        """Leaving normally while our group for this epoch forms or has formed: take part in its round, so the
+        other members do not wait for our parts and end with a partial round. Bounded; failures are logged."""
+        task = self._matchmaking if self._matchmaking_epoch == self.epoch else None
+        view = self._view
+        if task is None or view is None:
+            return
+        limit = 2 * self.config.matchmaking_time + self.config.allreduce_timeout
+        try:
+            async with asyncio.timeout(limit):
+                formed = await asyncio.shield(task)
+                if isinstance(formed, FormedGroup):
+                    logger.info("leaving: taking part in the round of epoch %d our group is in", self.epoch)
+                    await self._global_step(view, leaving=True)
+        except TimeoutError:
+            logger.warning("leaving: the round of epoch %d did not finish within %gs", self.epoch, limit)
 
     async def _stop_background(self) -> None:
         tasks = [*self._background]
@@ -803,7 +822,7 @@ class CollaborativeOptimizer:
         if self._matchmaking is not None and self._matchmaking_epoch != self.epoch:
             self._drop_matchmaking()
 
-    async def _global_step(self, view: GlobalProgress) -> None:
+    async def _global_step(self, view: GlobalProgress, *, leaving: bool = False) -> None:
         async with self._round_lock:
             start = asyncio.get_running_loop().time()
             tensors, local_copy = await self._cpu(self._round_inputs)
@@ -844,7 +863,7 @@ class CollaborativeOptimizer:
             self._drop_matchmaking()
             await self._publish_state()
             await self._refresh()
-        if suspect:
+        if suspect and not leaving:
             # Before the epoch counts: find out which state the swarm holds now, and take it if it is not ours.
             await self._settle()
 
