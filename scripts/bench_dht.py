@@ -5,15 +5,30 @@ from random nodes, first one at a time, then with ``--concurrency`` in flight. R
 p50/p95 latency of stores and gets (sequential phase under the plain keys, the concurrent phase under
 ``concurrent_*``), operations per second, the time until all N nodes had joined, and memory per node.
 
-``--processes`` runs every node in its own process (this script with ``--worker``, started like the standalone
-node ``python -m coordinator_free_dht``: no stdlib OpenSSL, freed heap handed back once joined), driven over stdin/stdout
-JSON lines; latencies are measured inside the node's process, so they exclude the driver's pipes. Then
-``bootstrap_s`` includes interpreter start-up, and ``rss_mb_per_node`` is the mean RSS of the node processes
-(``uss_mb_per_node``: memory unique to each process, i.e. without shared libraries). In one process,
-``rss_mb_per_node`` is the process RSS divided by N.
+``--processes`` runs every node in its own process, driven over JSON lines; latencies are measured inside the
+node's process, so they exclude the driver's pipes. Each node process runs like the standalone node
+``python -m coordinator_free_dht`` (no stdlib OpenSSL, freed heap handed back once joined). How they start:
+
+- by default, as hivemind's DHT starts its node processes: one *zygote* process (a fresh interpreter,
+  ``--zygote``) imports everything, then ``os.fork()``s one child per node on the driver's request, before any
+  event loop, socket or thread exists in it; each child makes its own event loop and node and talks to the
+  driver over a Unix socket. ``bootstrap_s`` runs from the moment node 0's process exists (forked and
+  connected to the driver) until all N have joined: the forks of the other N-1 and their joins, not the
+  interpreter start-up. ``bootstrap_with_startup_s`` runs from the start of the zygote's interpreter, so
+  it adds the one interpreter start-up and import.
+- with ``--spawn``, every node process is a fresh interpreter (this script with ``--worker``, as
+  ``python -m coordinator_free_dht`` starts), over its stdin/stdout; ``bootstrap_s`` and
+  ``bootstrap_with_startup_s`` both run from starting node 0's interpreter, so both include every
+  interpreter's start-up and imports.
+
+``rss_mb_per_node`` is the mean RSS of the node processes (a forked child counts the pages it still shares
+with the zygote); ``uss_mb_per_node`` is the memory unique to each process (without shared libraries and
+without the pages shared with the zygote). In one process, ``rss_mb_per_node`` is the process RSS divided
+by N.
 
     python scripts/bench_dht.py --nodes 16
     python scripts/bench_dht.py --nodes 64 --processes
+    python scripts/bench_dht.py --nodes 16 --processes --spawn
     python scripts/bench_dht.py --nodes 16 --no-optimistic-store   # lookup, then STORE (two rounds per store)
 """
 
@@ -23,10 +38,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import random
+import signal
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -179,19 +197,14 @@ async def bench_one_process(args: argparse.Namespace) -> dict[str, Any]:
 # --- one process per node ------------------------------------------------------------------------------
 
 
-async def worker(args: argparse.Namespace) -> None:
-    """A node process: prints its address once joined, then serves JSON-line operations from stdin."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+async def serve_node(args: argparse.Namespace, reader: asyncio.StreamReader, out: Callable[[bytes], None]) -> None:
+    """A node process's work: join, send its address, then serve JSON-line operations from ``reader``."""
     bootstrap = [PeerAddress.parse(args.bootstrap)] if args.bootstrap else []
     async with DHTNode(Identity.generate(), bootstrap=bootstrap, config=node_config(args)) as node:
         release_free_memory()  # as the standalone node does once joined
-        out = sys.stdout
 
         def reply(message: dict[str, Any]) -> None:
-            out.write(json.dumps(message) + "\n")
-            out.flush()
+            out((json.dumps(message) + "\n").encode())
 
         reply({"address": str(node.peer_addresses[0])})
 
@@ -204,97 +217,202 @@ async def worker(args: argparse.Namespace) -> None:
                 tg.create_task(serve(json.loads(line)))
 
 
-class WorkerHandle:
-    """The driver's side of one node process."""
+async def worker(args: argparse.Namespace) -> None:
+    """A spawned node process (``--spawn``): operations on stdin, replies on stdout."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    stdout = sys.stdout.buffer
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
+    def out(data: bytes) -> None:
+        stdout.write(data)
+        stdout.flush()
+
+    await serve_node(args, reader, out)
+
+
+async def forked_worker(args: argparse.Namespace, channel: str) -> None:
+    """A forked node process: operations and replies over the driver's Unix socket ``channel``."""
+    reader, writer = await asyncio.open_unix_connection(channel, limit=1 << 20)
+    try:
+        writer.write((json.dumps({"pid": os.getpid(), "index": args.index}) + "\n").encode())
+        await serve_node(args, reader, writer.write)
+    finally:
+        writer.close()
+
+
+def zygote(args: argparse.Namespace) -> None:
+    """The fork server (``--zygote``): imports everything once, then forks one node process per stdin line.
+
+    Each line is a JSON object: the node's ``index`` and ``bootstrap`` address (or null). No event loop,
+    socket or thread exists here, so each child starts clean: it makes its own loop and node, and talks to
+    the driver over the Unix socket ``args.channel``. Exits once stdin closes and every child has exited.
+    """
+    import gc
+
+    # What a node imports or initialises on first use, once here instead of in every child: the QUIC
+    # transport (DHTNode imports it when it starts) and cryptography's X.509 and Ed25519 code (certificates).
+    from coordinator_free_dht.net import certs, quic  # noqa: F401
+
+    certs.peer_id_from_certificate(certs.make_certificate(Identity.generate()))
+    gc.collect()
+    gc.freeze()  # the imported modules' objects stay out of the children's collections (fewer pages copied)
+    children = 0
+    for line in sys.stdin.buffer:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                args.index, args.bootstrap = request["index"], request["bootstrap"]
+                with contextlib.suppress(KeyboardInterrupt):
+                    asyncio.run(forked_worker(args, args.channel))
+            except BaseException:
+                logging.getLogger(__name__).exception("node process %s failed", request["index"])
+                code = 1
+            finally:
+                os._exit(code)  # never back into the zygote's loop
+        children += 1
+    for _ in range(children):
+        os.wait()
+
+
+class WorkerHandle:
+    """The driver's side of one node process: its pid and the JSON-line channel to it."""
+
+    def __init__(self, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.pid = pid
+        self.reader = reader
+        self.writer = writer
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.next_id = 0
 
     async def address(self) -> str:
-        assert self.proc.stdout is not None
-        line = await self.proc.stdout.readline()
+        line = await self.reader.readline()
         if not line:
             raise RuntimeError("a node process exited before it joined")
         address: str = json.loads(line)["address"]
         return address
 
     async def read_replies(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
+        while line := await self.reader.readline():
             message = json.loads(line)
             self.pending.pop(message["id"]).set_result(message)
 
     async def run(self, op: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None
         self.next_id += 1
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending[self.next_id] = future
-        self.proc.stdin.write((json.dumps({**op, "id": self.next_id}) + "\n").encode())
-        await self.proc.stdin.drain()
+        self.writer.write((json.dumps({**op, "id": self.next_id}) + "\n").encode())
+        await self.writer.drain()
         async with asyncio.timeout(120):
             return await future
 
 
+def _worker_flags(args: argparse.Namespace) -> list[str]:
+    return ["--optimistic-store" if args.optimistic_store else "--no-optimistic-store"]
+
+
 async def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
-    """Each node in its own process."""
+    """Each node in its own process: forked from a zygote (default) or a fresh interpreter each (``--spawn``)."""
     import psutil
 
     handles: list[WorkerHandle] = []
+    procs: list[asyncio.subprocess.Process] = []
     script = os.path.abspath(__file__)  # noqa: ASYNC240 -- once, before any I/O starts
+    boot_command = [sys.executable, "-c", _WORKER_BOOT, script]
+    connected: dict[int, asyncio.Future[WorkerHandle]] = {}
+    loop = asyncio.get_running_loop()
 
-    async def spawn(bootstrap: str | None) -> WorkerHandle:
-        command = [sys.executable, "-c", _WORKER_BOOT, script, "--worker"]
-        command.append("--optimistic-store" if args.optimistic_store else "--no-optimistic-store")
-        if bootstrap:
-            command += ["--bootstrap", bootstrap]
-        proc = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 20
-        )
-        handle = WorkerHandle(proc)
-        handles.append(handle)
-        return handle
+    async def on_channel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = json.loads(await reader.readline())
+        connected[hello["index"]].set_result(WorkerHandle(hello["pid"], reader, writer))
 
-    try:
-        started = time.perf_counter()
-        first = await spawn(None)
-        boot = await first.address()
-        rest = [await spawn(boot) for _ in range(args.nodes - 1)]
-        async with asyncio.timeout(300):
-            await asyncio.gather(*(h.address() for h in rest))
-        bootstrap_s = time.perf_counter() - started
-        async with asyncio.TaskGroup() as tg:
-            readers = [tg.create_task(h.read_replies()) for h in handles]
+    async with contextlib.AsyncExitStack() as stack:
+        if not args.spawn:
+            channel_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-dht-"))
+            channel = os.path.join(channel_dir, "driver.sock")
+            server = await asyncio.start_unix_server(on_channel, channel, limit=1 << 20)
+            stack.push_async_callback(server.wait_closed)
+            stack.callback(server.close)
 
-            async def run(index: int, op: dict[str, Any]) -> dict[str, Any]:
-                return await handles[index].run(op)
+        async def start(index: int, bootstrap: str | None) -> WorkerHandle:
+            if args.spawn:
+                command = [*boot_command, "--worker", *_worker_flags(args)]
+                if bootstrap:
+                    command += ["--bootstrap", bootstrap]
+                proc = await asyncio.create_subprocess_exec(
+                    *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 20
+                )
+                procs.append(proc)
+                assert proc.stdout is not None
+                assert proc.stdin is not None
+                handle = WorkerHandle(proc.pid, proc.stdout, proc.stdin)
+            else:
+                connected[index] = loop.create_future()
+                assert zygote_proc.stdin is not None
+                zygote_proc.stdin.write((json.dumps({"index": index, "bootstrap": bootstrap}) + "\n").encode())
+                await zygote_proc.stdin.drain()
+                async with asyncio.timeout(60):
+                    handle = await connected[index]
+            handles.append(handle)
+            return handle
 
-            result = await workload(run, len(handles), args.ops, args.concurrency, args.seed)
-            rss, uss = [], []
-            for handle in handles:
-                info = psutil.Process(handle.proc.pid).memory_full_info()
-                rss.append(info.rss / 2**20)
-                uss.append(info.uss / 2**20)
-            for handle in handles:
-                assert handle.proc.stdin is not None
-                handle.proc.stdin.close()
-            async with asyncio.timeout(60):
-                await asyncio.gather(*(h.proc.wait() for h in handles))
-            for task in readers:
-                task.cancel()
-        result.update(
-            bootstrap_s=round(bootstrap_s, 3),
-            rss_mb_per_node=round(sum(rss) / len(rss), 2),
-            rss_mb_max=round(max(rss), 2),
-            uss_mb_per_node=round(sum(uss) / len(uss), 2),
-        )
-        return result
-    finally:
-        for handle in handles:
-            if handle.proc.returncode is None:
-                handle.proc.kill()
-                await handle.proc.wait()
+        try:
+            started = time.perf_counter()
+            if not args.spawn:
+                command = [*boot_command, "--zygote", "--channel", channel, *_worker_flags(args)]
+                zygote_proc = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.PIPE)
+                procs.append(zygote_proc)
+                # The zygote is ready when it forks: its first child's hello says the imports are done.
+            first = await start(0, None)
+            processes_started = time.perf_counter()
+            boot = await first.address()
+            # Forked: all N-1 requests go to the zygote at once (it forks them back to back).
+            rest = list(await asyncio.gather(*(start(i, boot) for i in range(1, args.nodes))))
+            async with asyncio.timeout(300):
+                await asyncio.gather(*(h.address() for h in rest))
+            joined = time.perf_counter()
+            async with asyncio.TaskGroup() as tg:
+                readers = [tg.create_task(h.read_replies()) for h in handles]
+
+                async def run(index: int, op: dict[str, Any]) -> dict[str, Any]:
+                    return await handles[index].run(op)
+
+                result = await workload(run, len(handles), args.ops, args.concurrency, args.seed)
+                rss, uss = [], []
+                for handle in handles:
+                    info = psutil.Process(handle.pid).memory_full_info()
+                    rss.append(info.rss / 2**20)
+                    uss.append(info.uss / 2**20)
+                for handle in handles:
+                    handle.writer.close()  # EOF: the node leaves and its process exits
+                for proc in procs:
+                    if proc.stdin is not None:
+                        proc.stdin.close()
+                async with asyncio.timeout(60):
+                    await asyncio.gather(*(p.wait() for p in procs))
+                for task in readers:
+                    task.cancel()
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            if not args.spawn:
+                for handle in handles:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(handle.pid, signal.SIGKILL)
+    # Spawned: node 0's process exists only once its interpreter started; forked: once the zygote forked it.
+    result.update(
+        process_start="spawn" if args.spawn else "fork",
+        bootstrap_s=round(joined - (started if args.spawn else processes_started), 3),
+        bootstrap_with_startup_s=round(joined - started, 3),
+        rss_mb_per_node=round(sum(rss) / len(rss), 2),
+        rss_mb_max=round(max(rss), 2),
+        uss_mb_per_node=round(sum(uss) / len(uss), 2),
+    )
+    return result
 
 
 def main() -> None:
@@ -302,6 +420,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=16)
     parser.add_argument("--processes", action="store_true", help="one process per node")
+    parser.add_argument(
+        "--spawn",
+        action="store_true",
+        help="with --processes: start every node process as a fresh interpreter (as python -m coordinator_free_dht)",
+    )
     parser.add_argument("--ops", type=int, default=500, help="stores and gets per phase")
     parser.add_argument("--concurrency", type=int, default=16, help="operations in flight in the concurrent phase")
     parser.add_argument("--seed", type=int, default=0)
@@ -313,7 +436,12 @@ def main() -> None:
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--channel", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.zygote:
+        zygote(args)
+        return
     if args.worker:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(worker(args))
