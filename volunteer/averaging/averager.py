@@ -129,11 +129,12 @@ class AveragerConfig:
     """Most elements per part: the unit of streaming, reduction and fault accounting. Every part costs a
     fixed few hundred microseconds of CPU (messages, headers, codec calls, thread hand-offs): at 1 Mi
     elements (4 MiB of float32) that is a few percent, at 512 Ki it was measured 16% more CPU per round."""
-    pipeline_parts: int = 2
+    pipeline_parts: int = 1
     """Spans are cut into at least this many parts (of at least ``min_part_elements``), so that sending,
-    reducing and returning results overlap even for small tensors (one part per span would make each
-    round transfer, then reduce, then transfer back, with no overlap). More parts overlap more but cost
-    more: at 1 Mi elements over 2 peers, 8 parts per span took a third more CPU than 2."""
+    reducing and returning results overlap within a span even for small tensors (large spans are cut by
+    ``part_elements`` anyway). Each part costs CPU and a round trip, and for a small span the overlap gains
+    less than that: at 1 Mi elements, 8 parts per span took a third more CPU than 2, and 2 about 10% more
+    than 1, with longer rounds. Raise it where transfers are slow compared with a part's reduction."""
     min_part_elements: int = 1 << 14
     """The smallest part that ``pipeline_parts`` may cut a span into (smaller parts cost more per element)."""
     chunk_bytes: int = 1 << 18
