@@ -31,7 +31,9 @@ an incompatible aioquic fails loudly rather than silently unauthenticated):
 - ``QuicConnection._spaces[ONE_RTT].ack_at`` (when the delayed ACK is due: read, and moved to now when we
   send anyway);
 - ``QuicConnection._crypto_buffers`` (TLS output buffers, made small once the handshake is confirmed) and
-  ``_local_active_connection_id_limit`` (we ask the peer for 2 connection ids, not 8).
+  ``_local_active_connection_id_limit`` (we ask the peer for 2 connection ids, not 8);
+- ``QuicConnection.__frame_handlers`` (its per-connection frame-handler dict, replaced by a lookup into one
+  shared table: :class:`_FrameHandlers`).
 
 Streams: the opener's first byte on every stream is a marker (``\x00``) that the accepting side strips, because
 QUIC announces a stream only with its first frame and the contract hands a stream to the peer's handler on
@@ -65,7 +67,7 @@ import logging
 import socket
 from collections import deque
 from dataclasses import dataclass
-from types import TracebackType
+from types import MethodType, TracebackType
 from typing import Any, Literal, Self, cast
 
 # First, before any aioquic import: it imports aioquic.tls with pyOpenSSL, service_identity, certifi deferred.
@@ -79,7 +81,7 @@ from aioquic.quic import connection as _aioquic_connection
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, NetworkAddress, QuicConnection
-from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, pull_quic_header
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, QuicProtocolVersion, pull_quic_header
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream as _AioStream
@@ -113,7 +115,10 @@ _RESET_CODE = 0x1  # application error code for a reset stream
 _MISMATCH_CODE = 0x2  # application error code: the peer proved the wrong identity
 _NO_CERT_CODE = 0x3  # application error code: the dialer presented no usable certificate
 _STREAM_OPEN = b"\x00"  # the first byte of every stream, sent by its opener (see open_stream)
-_SUPPORTED_VERSIONS = frozenset(QuicConfiguration().supported_versions)
+# QUIC version 1 only: every peer runs this transport, and aioquic derives Initial keys for each version it
+# supports on every connection (a CryptoPair, HKDF derivations and two AES contexts for version 2 besides 1).
+_VERSIONS: list[int] = [QuicProtocolVersion.VERSION_1]
+_SUPPORTED_VERSIONS = frozenset(_VERSIONS)
 _RECV_BATCH = 64  # datagrams read from a socket per wake-up before their events are delivered
 _RECV_SIZE = 65536  # a UDP payload never exceeds this
 _CERT_NONE = 0  # ssl.CERT_NONE, without importing ssl (~5 MB of OpenSSL state a QUIC-only process never uses)
@@ -125,6 +130,30 @@ _CID_LIMIT = 2  # active connection ids we take from a peer: the minimum (RFC 90
 # immutable, so caching it changes nothing but the cost.
 if not hasattr(_aioquic_connection.EPOCHS, "cache_info"):
     _aioquic_connection.EPOCHS = functools.cache(_aioquic_connection.EPOCHS)
+
+_FRAME_HANDLERS_ATTR = "_QuicConnection__frame_handlers"  # aioquic's per-connection frame table (name-mangled)
+
+
+class _FrameHandlers:
+    """aioquic's frame-handler table for one connection, without a bound method and tuple per frame type.
+
+    ``QuicConnection.__init__`` builds a dict of ~33 ``(bound method, epochs)`` entries for every connection;
+    a node holding thousands of connections (or many nodes in one process) keeps ~70 extra objects per
+    connection for the cyclic garbage collector to walk on every full collection. This object shares one
+    table of plain functions among all connections and binds the handler on lookup (once per frame).
+    """
+
+    __slots__ = ("_conn",)
+    _table: dict[int, tuple[Any, frozenset[Any]]] = {}
+
+    def __init__(self, conn: QuicConnection, handlers: dict[int, tuple[Any, frozenset[Any]]]) -> None:
+        self._conn = conn
+        if not _FrameHandlers._table:
+            _FrameHandlers._table = {kind: (method.__func__, epochs) for kind, (method, epochs) in handlers.items()}
+
+    def __getitem__(self, frame_type: int) -> tuple[Any, frozenset[Any]]:
+        function, epochs = self._table[frame_type]
+        return MethodType(function, self._conn), epochs
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,9 +245,11 @@ class QuicConfig:
 
 def _quic_internals_ok() -> bool:
     """True if the installed aioquic still has the private names this module relies on."""
-    limit = getattr(QuicConnection(configuration=QuicConfiguration(is_client=True)), "_local_max_streams_bidi", None)
+    probe = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    limit = getattr(probe, "_local_max_streams_bidi", None)
     return (
-        all(
+        isinstance(getattr(probe, _FRAME_HANDLERS_ATTR, None), dict)
+        and all(
             hasattr(QuicConnection, name)
             for name in ("_write_stream_limits", "_initialize", "_on_max_stream_data_delivery")
         )
@@ -233,6 +264,9 @@ class _DrivenQuic(QuicConnection):
 
     def __init__(self, *, configuration: QuicConfiguration, quic_config: QuicConfig, **kwargs: Any) -> None:
         super().__init__(configuration=configuration, **kwargs)
+        handlers = getattr(self, _FRAME_HANDLERS_ATTR)
+        if isinstance(handlers, dict):
+            setattr(self, _FRAME_HANDLERS_ATTR, _FrameHandlers(self, handlers))
         # The handshake runs at the smallest datagram size: aioquic pads every datagram that carries an
         # Initial packet to the whole datagram, and the peer parses that padding byte by byte in Python, so a
         # 16 KB loopback datagram made each handshake several ms dearer. Data uses the full size once the
@@ -1221,6 +1255,7 @@ class QuicTransport(Transport):
             private_key=self._identity.private_key(),
             # No CA: the certificate is self-signed; _on_handshake checks the peer id it proves.
             verify_mode=_CERT_NONE,
+            supported_versions=_VERSIONS,
         )
 
     # --- accepting --------------------------------------------------------------------------------
