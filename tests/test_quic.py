@@ -494,6 +494,7 @@ class _Relay(asyncio.DatagramProtocol):
         self.server = server
         self.client: tuple[str, int] | None = None
         self.sizes: list[int] = []
+        self.from_client: list[bytes] = []
         self.udp: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -507,6 +508,7 @@ class _Relay(asyncio.DatagramProtocol):
                 self.udp.sendto(data, self.client)
         else:
             self.client = addr
+            self.from_client.append(data)
             self.udp.sendto(data, self.server)
 
 
@@ -624,6 +626,47 @@ async def test_handshake_datagrams_stay_at_1200_bytes_on_loopback() -> None:
             echoed = tg.create_task(read_all(stream))
         assert echoed.result() == payload
         assert max(relay.sizes) > 1200  # data still uses the large loopback datagrams
+
+
+async def test_handshake_state_is_dropped_and_late_handshake_packets_are_ignored() -> None:
+    # Once the handshake is confirmed, each end's discarded epochs share one keyless pair and the frame
+    # handlers come from one shared table; a replayed Initial or Handshake datagram is dropped (no keys), and
+    # the connection keeps carrying streams.
+    from aioquic import tls
+
+    from coordinator_free_dht.net.quic import _FRAME_HANDLERS_ATTR, _NO_KEYS, _FrameHandlers
+
+    async def echo_once(conn: Connection, payload: bytes) -> bytes:
+        stream = await conn.open_stream()
+        await stream.write(payload)
+        await stream.write_eof()
+        return await read_all(stream)
+
+    async with (
+        peer() as (server, address),
+        peer() as (client, _),
+        relay_to(address) as (relay, via),
+        asyncio.timeout(60),
+    ):
+        conn = await client.connect(via, server.local_peer)
+        handshake = list(relay.from_client)
+        assert await echo_once(conn, b"first") == b"first"
+        inbound = server.connection_to(client.local_peer)
+        assert inbound is not None
+        await asyncio.sleep(0.2)  # the client's ACK of HANDSHAKE_DONE, so both ends confirmed
+        for end in (conn, inbound):
+            quic = end._quic
+            assert isinstance(getattr(quic, _FRAME_HANDLERS_ATTR), _FrameHandlers)
+            discarded = (tls.Epoch.INITIAL, tls.Epoch.ZERO_RTT, tls.Epoch.HANDSHAKE)
+            assert all(quic._cryptos[epoch] is _NO_KEYS for epoch in discarded)
+            assert all(pair is _NO_KEYS for pair in quic._cryptos_initial.values())
+        assert relay.udp is not None
+        for datagram in handshake:
+            relay.udp.sendto(datagram, relay.server)
+        await asyncio.sleep(0.2)
+        assert not conn.is_closed
+        assert not inbound.is_closed
+        assert await echo_once(conn, b"second") == b"second"
 
 
 def test_ip_literals_skip_name_resolution() -> None:

@@ -81,6 +81,7 @@ from aioquic.quic import connection as _aioquic_connection
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, NetworkAddress, QuicConnection
+from aioquic.quic.crypto import CryptoContext, CryptoPair
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, QuicProtocolVersion, pull_quic_header
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
@@ -259,6 +260,23 @@ def _quic_internals_ok() -> bool:
     )
 
 
+class _DiscardedKeys(CryptoContext):
+    """The keys of a discarded epoch: none, and none can be set."""
+
+    def setup(self, *, cipher_suite: tls.CipherSuite, secret: bytes, version: int) -> None:
+        """Refuse: an epoch's keys are never set up again once discarded."""
+        raise RuntimeError("keys set up for a discarded QUIC epoch")
+
+
+def _no_keys() -> CryptoPair:
+    pair = CryptoPair()
+    pair.recv, pair.send = _DiscardedKeys(), _DiscardedKeys()
+    return pair
+
+
+_NO_KEYS = _no_keys()  # shared by every connection's discarded epochs (see _DrivenQuic._drop_handshake_state)
+
+
 class _DrivenQuic(QuicConnection):
     """aioquic's connection with mutual TLS and receive windows that follow what the reader consumed."""
 
@@ -273,6 +291,7 @@ class _DrivenQuic(QuicConnection):
         # handshake is confirmed (see datagrams_to_send).
         self._full_datagram_size = self._max_datagram_size
         self._max_datagram_size = min(self._max_datagram_size, _HANDSHAKE_DATAGRAM_SIZE)
+        self._slimmed = False  # handshake-only state dropped (see _drop_handshake_state)
         self.consumed: dict[int, int] = {}
         self._window = quic_config.stream_receive_window
         # ``sent`` too: it is what the transport parameters announce, and MAX_STREAMS updates compare to it.
@@ -297,18 +316,40 @@ class _DrivenQuic(QuicConnection):
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         """aioquic's, at the full datagram size once the handshake is confirmed (no Initial packets after)."""
-        if self._handshake_confirmed and self._max_datagram_size != self._full_datagram_size:
+        if self._handshake_confirmed and not self._slimmed:
+            self._slimmed = True
             self._max_datagram_size = self._full_datagram_size
-            # TLS output buffers are 16 KB per epoch for the connection's whole life (48 KB). The Initial and
-            # Handshake epochs are over (keys discarded): TLS writes nothing there any more. After the
-            # handshake TLS writes only a NewSessionTicket at 1-RTT, and only with a ticket handler (we set
-            # none), so 4 KB is ample there. A write that did not fit would fail this connection only.
-            buffers = getattr(self, "_crypto_buffers", None)
-            if isinstance(buffers, dict):
-                for epoch, capacity in ((tls.Epoch.INITIAL, 0), (tls.Epoch.HANDSHAKE, 0), (tls.Epoch.ONE_RTT, 4096)):
-                    if epoch in buffers and not buffers[epoch].tell():
-                        buffers[epoch] = Buffer(capacity=capacity)
+            self._drop_handshake_state()
         return super().datagrams_to_send(now)
+
+    def _drop_handshake_state(self) -> None:
+        """Once the handshake is confirmed, let go of what only the handshake used.
+
+        TLS output buffers are 16 KB per epoch for the connection's whole life (48 KB). The Initial and
+        Handshake epochs are over (keys discarded): TLS writes nothing there any more. After the handshake
+        TLS writes only a NewSessionTicket at 1-RTT, and only with a ticket handler (we set none), so 4 KB
+        is ample there. A write that did not fit would fail this connection only.
+
+        The key pairs of discarded epochs (Initial, Handshake, and 0-RTT, which we never use) are torn down
+        but kept by aioquic: ~17 objects per connection for the garbage collector to walk. They become one
+        shared pair without keys (decrypting a late packet of those epochs raises ``KeyUnavailableError``,
+        which aioquic expects for discarded keys; setting keys on it raises).
+        """
+        buffers = getattr(self, "_crypto_buffers", None)
+        if isinstance(buffers, dict):
+            for epoch, capacity in ((tls.Epoch.INITIAL, 0), (tls.Epoch.HANDSHAKE, 0), (tls.Epoch.ONE_RTT, 4096)):
+                if epoch in buffers and not buffers[epoch].tell():
+                    buffers[epoch] = Buffer(capacity=capacity)
+        cryptos = self._cryptos
+        for epoch in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE):
+            if self._spaces[epoch].discarded and not cryptos[epoch].send.is_valid():
+                cryptos[epoch] = _NO_KEYS
+        zero_rtt = cryptos.get(tls.Epoch.ZERO_RTT)
+        if zero_rtt is not None and not zero_rtt.send.is_valid() and not zero_rtt.recv.is_valid():
+            cryptos[tls.Epoch.ZERO_RTT] = _NO_KEYS
+        if self._spaces[tls.Epoch.INITIAL].discarded:
+            # Read for a (late) Initial packet: decrypting it now fails as with aioquic's torn-down pairs.
+            self._cryptos_initial = dict.fromkeys(self._cryptos_initial, _NO_KEYS)
 
     def peer_certificate(self) -> x509.Certificate | None:
         """The certificate the peer presented in the handshake, if any."""
@@ -1014,6 +1055,7 @@ class QuicTransport(Transport):
         self._handler = handler
         self._config = config or QuicConfig()
         self._certificate = certs.make_certificate(identity)
+        self._configurations: dict[tuple[bool, int], QuicConfiguration] = {}
         self._endpoints: list[_Endpoint] = []
         self._listen: list[Address] = []
         self._peers: dict[PeerID, QuicConnectionHandle] = {}
@@ -1240,13 +1282,20 @@ class QuicTransport(Transport):
         raise error
 
     def _quic_configuration(self, is_client: bool, remote_host: str) -> QuicConfiguration:
+        # One per kind of connection, shared by its connections (aioquic only reads it): a dataclass with a
+        # handful of lists is ~7 objects per connection otherwise.
         config = self._config
-        return QuicConfiguration(
+        datagram_size = config.datagram_size_to(remote_host)
+        key = (is_client, datagram_size)
+        cached = self._configurations.get(key)
+        if cached is not None:
+            return cached
+        cached = self._configurations[key] = QuicConfiguration(
             alpn_protocols=[config.alpn],
             is_client=is_client,
             idle_timeout=config.idle_timeout,
             initial_rtt=config.initial_rtt,
-            max_datagram_size=config.datagram_size_to(remote_host),
+            max_datagram_size=datagram_size,
             congestion_control_algorithm=config.congestion_control,
             max_data=config.connection_receive_window,
             max_stream_data=config.stream_receive_window,
@@ -1257,6 +1306,7 @@ class QuicTransport(Transport):
             verify_mode=_CERT_NONE,
             supported_versions=_VERSIONS,
         )
+        return cached
 
     # --- accepting --------------------------------------------------------------------------------
 
