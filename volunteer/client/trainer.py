@@ -132,7 +132,8 @@ class EpochReport:
     """The parameters this peer holds at the start of an epoch (a JSON line with ``"type": "epoch"``).
 
     Every peer of a run in sync reports the same ``param_hash`` for the same ``epoch``; the benchmark and the
-    tests compare them.
+    tests compare them. A peer that knows its state may differ (its round failed and it has not resynchronised
+    yet) says so with ``in_sync=False``.
     """
 
     epoch: int
@@ -141,6 +142,8 @@ class EpochReport:
     """Seconds since training started."""
     param_hash: str
     """:func:`parameter_hash` of the model's parameters."""
+    in_sync: bool = True
+    """Whether the optimizer considers this peer in sync with the swarm at this epoch."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data."""
@@ -380,7 +383,7 @@ class Trainer:
         report.add_loss(opt.epoch, loss)
         report.state, report.reason = "training", ""
         started = last = self._clock()
-        await self._epoch_began(opt.epoch, 0.0)
+        await self._epoch_began(opt.epoch, 0.0, opt.in_sync)
         self._emit(opt, report, 0.0, 0, 0.0, loss, [])
         samples = window_samples = 0
         train_losses: list[float] = []
@@ -412,7 +415,7 @@ class Trainer:
                 report.add_work(samples=size, seconds=self._clock() - step_started)
             if opt.epoch != epoch:
                 epoch = opt.epoch
-                await self._epoch_began(epoch, self._clock() - started)
+                await self._epoch_began(epoch, self._clock() - started, opt.in_sync)
                 if has_eval:
                     loss = await asyncio.to_thread(self._evaluate)
                     report.add_loss(epoch, loss)
@@ -441,10 +444,10 @@ class Trainer:
         report.reason = ""
         log.info("the GPU is allowed again, training resumes")
 
-    async def _epoch_began(self, epoch: int, elapsed: float) -> None:
+    async def _epoch_began(self, epoch: int, elapsed: float, in_sync: bool) -> None:
         assert self._model is not None
         digest = await asyncio.to_thread(parameter_hash, self._model)
-        report = EpochReport(epoch=int(epoch), time=elapsed, param_hash=digest)
+        report = EpochReport(epoch=int(epoch), time=elapsed, param_hash=digest, in_sync=bool(in_sync))
         self.epochs.append(report)
         if self._on_epoch is not None:
             self._on_epoch(report)
