@@ -634,7 +634,7 @@ async def test_handshake_state_is_dropped_and_late_handshake_packets_are_ignored
     # the connection keeps carrying streams.
     from aioquic import tls
 
-    from coordinator_free_dht.net.quic import _FRAME_HANDLERS_ATTR, _NO_KEYS, _FrameHandlers
+    from coordinator_free_dht.net.quic import _FRAME_HANDLERS_ATTR, _NO_CRYPTO_STREAM, _NO_KEYS, _FrameHandlers
 
     async def echo_once(conn: Connection, payload: bytes) -> bytes:
         stream = await conn.open_stream()
@@ -660,6 +660,9 @@ async def test_handshake_state_is_dropped_and_late_handshake_packets_are_ignored
             discarded = (tls.Epoch.INITIAL, tls.Epoch.ZERO_RTT, tls.Epoch.HANDSHAKE)
             assert all(quic._cryptos[epoch] is _NO_KEYS for epoch in discarded)
             assert all(pair is _NO_KEYS for pair in quic._cryptos_initial.values())
+            assert all(
+                quic._crypto_streams[epoch] is _NO_CRYPTO_STREAM for epoch in discarded if epoch != tls.Epoch.ZERO_RTT
+            )
         assert relay.udp is not None
         for datagram in handshake:
             relay.udp.sendto(datagram, relay.server)

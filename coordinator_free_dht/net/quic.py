@@ -86,6 +86,7 @@ from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, Qu
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream as _AioStream
+from aioquic.quic.stream import QuicStreamSender
 from cryptography import x509
 
 from coordinator_free_dht.errors import (
@@ -277,6 +278,25 @@ def _no_keys() -> CryptoPair:
 _NO_KEYS = _no_keys()  # shared by every connection's discarded epochs (see _DrivenQuic._drop_handshake_state)
 
 
+class _DiscardedSender(QuicStreamSender):
+    """The CRYPTO stream sender of a discarded epoch: takes only empty writes (aioquic flushes every
+    epoch's TLS output buffer, empty ones included, after each TLS message)."""
+
+    def write(self, data: bytes, end_stream: bool = False) -> None:
+        """Refuse data: TLS writes nothing in an epoch once it is discarded."""
+        if data or end_stream:
+            raise RuntimeError("CRYPTO data written in a discarded QUIC epoch")
+
+
+def _no_crypto_stream() -> _AioStream:
+    stream = _AioStream()
+    stream.sender = _DiscardedSender(stream_id=None, writable=True)
+    return stream
+
+
+_NO_CRYPTO_STREAM = _no_crypto_stream()  # shared by every connection's discarded epochs
+
+
 class _DrivenQuic(QuicConnection):
     """aioquic's connection with mutual TLS and receive windows that follow what the reader consumed."""
 
@@ -333,7 +353,9 @@ class _DrivenQuic(QuicConnection):
         The key pairs of discarded epochs (Initial, Handshake, and 0-RTT, which we never use) are torn down
         but kept by aioquic: ~17 objects per connection for the garbage collector to walk. They become one
         shared pair without keys (decrypting a late packet of those epochs raises ``KeyUnavailableError``,
-        which aioquic expects for discarded keys; setting keys on it raises).
+        which aioquic expects for discarded keys; setting keys on it raises). Likewise the CRYPTO streams
+        of the Initial and Handshake epochs (~20 objects): nothing is received in them (their packets no
+        longer decrypt) nor sent (no keys), so they become one shared stream that takes no data.
         """
         buffers = getattr(self, "_crypto_buffers", None)
         if isinstance(buffers, dict):
@@ -341,9 +363,13 @@ class _DrivenQuic(QuicConnection):
                 if epoch in buffers and not buffers[epoch].tell():
                     buffers[epoch] = Buffer(capacity=capacity)
         cryptos = self._cryptos
+        streams = self._crypto_streams
         for epoch in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE):
             if self._spaces[epoch].discarded and not cryptos[epoch].send.is_valid():
                 cryptos[epoch] = _NO_KEYS
+                empty_output = isinstance(buffers, dict) and epoch in buffers and not buffers[epoch].tell()
+                if empty_output and streams[epoch].sender.buffer_is_empty:
+                    streams[epoch] = _NO_CRYPTO_STREAM
         zero_rtt = cryptos.get(tls.Epoch.ZERO_RTT)
         if zero_rtt is not None and not zero_rtt.send.is_valid() and not zero_rtt.recv.is_valid():
             cryptos[tls.Epoch.ZERO_RTT] = _NO_KEYS
