@@ -20,13 +20,14 @@ import torch
 from typer.testing import CliRunner
 
 from coordinator_free_dht.identity import Identity
+from tests.training_helpers import joined_trainer
 from volunteer.cli import app
 from volunteer.client.status import RoleReport
 from volunteer.client.swarm import Swarm
 from volunteer.client.trainer import Trainer, TrainerConfig, resolve_device
 from volunteer.errors import RunError
 from volunteer.host.monitor import WorkGate
-from volunteer.run.manifest import AveragingSpec, ModelSpec, RunRef, SignedManifest, default_manifest
+from volunteer.run.manifest import AveragingSpec, ModelSpec, SignedManifest, default_manifest
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -125,18 +126,15 @@ async def test_a_gpu_trainer_in_fp16_and_a_cpu_trainer_stay_identical_and_learn(
         assert await host.publish_manifest(signed)
         tasks = []
         for index, device in ((1, "cpu"), (2, "cuda")):
-            swarm = await stack.enter_async_context(
-                Swarm(Identity.from_seed(bytes([index]) * 32), bootstrap=host.node.peer_addresses[:1])
+            trainer = await joined_trainer(
+                stack,
+                host,
+                signed.manifest.reference,
+                index,
+                tmp_path / f"cache{index}",
+                TrainerConfig(device=device, precision="fp16"),
+                lambda _report: changed.set(),
             )
-            found = await swarm.find_manifest(RunRef.parse(signed.manifest.reference))
-            trainer = Trainer(
-                swarm,
-                found.manifest,
-                cache_dir=tmp_path / f"cache{index}",
-                config=TrainerConfig(device=device, precision="fp16"),
-                on_epoch=lambda _report: changed.set(),
-            )
-            stack.push_async_callback(trainer.aclose)
             await trainer.prepare()
             assert trainer.device.type == device
             if device == "cuda":

@@ -23,11 +23,12 @@ from typing import BinaryIO
 import pytest
 
 from coordinator_free_dht.identity import Identity
+from tests.training_helpers import joined_trainer
 from volunteer.client.status import RoleReport
 from volunteer.client.swarm import Swarm
 from volunteer.client.trainer import Trainer, TrainerConfig
 from volunteer.host.monitor import WorkGate
-from volunteer.run.manifest import AveragingSpec, ModelSpec, RunRef, SignedManifest, default_manifest
+from volunteer.run.manifest import AveragingSpec, ModelSpec, SignedManifest, default_manifest
 
 SMALL = {"input_dim": 64, "hidden_dim": 16, "num_layers": 1, "num_classes": 10}
 
@@ -88,18 +89,15 @@ async def run_swarm(tmp_path: Path, target: int) -> AsyncIterator[tuple[Swarm, S
         events = Epochs()
 
         async def start(index: int) -> Running:
-            swarm = await stack.enter_async_context(
-                Swarm(Identity.from_seed(bytes([index]) * 32), bootstrap=host.node.peer_addresses[:1])
+            trainer = await joined_trainer(
+                stack,
+                host,
+                signed.manifest.reference,
+                index,
+                tmp_path / f"cache{index}",
+                TrainerConfig(threads=1),
+                events.on_epoch,
             )
-            found = await swarm.find_manifest(RunRef.parse(signed.manifest.reference))
-            trainer = Trainer(
-                swarm,
-                found.manifest,
-                cache_dir=tmp_path / f"cache{index}",
-                config=TrainerConfig(threads=1),
-                on_epoch=events.on_epoch,
-            )
-            stack.push_async_callback(trainer.aclose)
             gate = WorkGate()
             gate.open()
             task = tg.create_task(trainer.run(gate, RoleReport()), name=f"trainer-{index}")

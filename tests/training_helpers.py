@@ -1,0 +1,32 @@
+"""Test helper: a trainer peer that joins a published run through its host (real QUIC on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+from coordinator_free_dht.identity import Identity
+from volunteer.client.swarm import Swarm
+from volunteer.client.trainer import EpochReport, Trainer, TrainerConfig
+from volunteer.run.manifest import RunRef
+
+
+async def joined_trainer(
+    stack: contextlib.AsyncExitStack,
+    host: Swarm,
+    reference: str,
+    index: int,
+    cache_dir: Path,
+    config: TrainerConfig,
+    on_epoch: Callable[[EpochReport], None],
+) -> Trainer:
+    """Peer ``index`` (a fixed identity) joins through ``host``, finds the run by name and gets a trainer;
+    ``stack`` closes both."""
+    swarm = await stack.enter_async_context(
+        Swarm(Identity.from_seed(bytes([index]) * 32), bootstrap=host.node.peer_addresses[:1])
+    )
+    found = await swarm.find_manifest(RunRef.parse(reference))
+    trainer = Trainer(swarm, found.manifest, cache_dir=cache_dir, config=config, on_epoch=on_epoch)
+    stack.push_async_callback(trainer.aclose)
+    return trainer
