@@ -180,3 +180,16 @@ def test_an_epoch_is_settled_once_nobody_is_still_in_the_epoch_before() -> None:
     assert not settled(records, 5)
     assert settled(records, 5, ignore={B})  # e.g. a member that failed in our round
     assert settled(records[:1] + records[2:], 5)  # a peer far behind catches up by download: no vote
+
+
+def test_idle_peers_neither_hold_up_nor_count_in_the_swarms_decisions() -> None:
+    """A paused peer (no samples in its epoch, 0 samples/s) is in no round: the next epoch is settled without
+    it, and it is not expected in matchmaking; once it works again it counts again."""
+    now = 1000.0
+    paused = LocalProgress(B, 4, 0, 0.0, now)
+    assert paused.idle
+    records = [LocalProgress(A, 5, 0, 50.0, now), paused]
+    assert settled(records, 5)
+    assert not settled([LocalProgress(A, 5, 0, 50.0, now), LocalProgress(B, 4, 32, 0.0, now)], 5)
+    view = aggregate([LocalProgress(A, 5, 64, 50.0, now), LocalProgress(B, 5, 0, 0.0, now)], 1024, now, CONFIG)
+    assert (view.num_peers, view.num_peers_in_epoch) == (2, 1)

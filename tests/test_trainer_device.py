@@ -104,9 +104,14 @@ def _signed_run(owner: Identity) -> SignedManifest:
     return SignedManifest.sign(manifest, owner)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
-async def test_a_gpu_trainer_in_fp16_and_a_cpu_trainer_stay_identical_and_learn(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "second",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")])],
+)
+async def test_a_held_peer_joins_later_and_both_stay_identical_and_learn(second: str, tmp_path: Path) -> None:
+    """Two peers; the second is held at first (CPU: paused; GPU: the preferences deny the GPU), so the first
+    trains alone; once released, both hold identical parameters. With ``cuda`` the second trains on the GPU in
+    fp16 with a gradient scaler and its optimizer state on the CPU."""
     owner = Identity.from_seed(b"g" * 32)
     signed = _signed_run(owner)
     gates = [WorkGate(), WorkGate()]
@@ -121,11 +126,11 @@ async def test_a_gpu_trainer_in_fp16_and_a_cpu_trainer_stay_identical_and_learn(
             changed.clear()
             await changed.wait()
 
-    async with contextlib.AsyncExitStack() as stack, asyncio.timeout(240), asyncio.TaskGroup() as tg:
+    async with contextlib.AsyncExitStack() as stack, asyncio.timeout(100), asyncio.TaskGroup() as tg:
         host = await stack.enter_async_context(Swarm(owner))
         assert await host.publish_manifest(signed)
         tasks = []
-        for index, device in ((1, "cpu"), (2, "cuda")):
+        for index, device in ((1, "cpu"), (2, second)):
             trainer = await joined_trainer(
                 stack,
                 host,
@@ -142,25 +147,28 @@ async def test_a_gpu_trainer_in_fp16_and_a_cpu_trainer_stay_identical_and_learn(
                 assert trainer.offload
                 assert trainer.master[0].device.type == "cpu"
             gate = gates[index - 1]
-            gate.open()
-            # The GPU peer may not use its GPU at first: it does no work while the CPU peer trains alone.
-            gate.set_use_gpu(index == 1)
+            if index == 1:
+                gate.open()
+            elif device == "cuda":
+                gate.open()
+                gate.set_use_gpu(False)
             trainers.append(trainer)
             tasks.append(tg.create_task(trainer.run(gate, RoleReport())))
         try:
             await until(lambda: reached(trainers[0]) >= 2)
-            assert len(trainers[1].epochs) <= 1, "the peer denied its GPU trained"
+            assert len(trainers[1].epochs) <= 1, "the held peer trained"
             gates[1].set_use_gpu(True)
+            gates[1].open()
             await until(lambda: min(reached(t) for t in trainers) >= 6)
         finally:
             for task in tasks:
                 task.cancel()
     # Compare the epochs both went through once both trained (the first ones were the first peer's alone).
-    first, second = ({r.epoch: r.param_hash for r in t.epochs} for t in trainers)
-    shared = sorted(epoch for epoch in first.keys() & second.keys() if epoch >= 4)
+    first, later = ({r.epoch: r.param_hash for r in t.epochs} for t in trainers)
+    shared = sorted(epoch for epoch in first.keys() & later.keys() if epoch >= 4)
     assert len(shared) >= 2
     for epoch in shared:
-        assert first[epoch] == second[epoch], f"the GPU and the CPU peer disagree at epoch {epoch}"
+        assert first[epoch] == later[epoch], f"the peers disagree at epoch {epoch}"
     start = trainers[0].loss_start
     assert start is not None
     assert min(p.loss for p in trainers[0].history[1:]) < start

@@ -161,6 +161,10 @@ class CollaborativeConfig:
     downloaded if it is not ours. Past that it reports the epoch out of sync and keeps checking at later
     steps. None: long enough for the other peers to finish the round they may be in (two matchmaking
     windows, the all-reduce timeout, and 5 s), see :attr:`settle_timeout`."""
+    idle_after: float = 10.0
+    """Seconds without a step after which our progress record says 0 samples/s: a peer that is paused (the
+    owner is at the machine, the GPU is not allowed) and has no samples in its epoch is *idle*, and idle peers
+    neither hold up nor vote on the decisions of the swarm (see :attr:`~volunteer.optim.progress.LocalProgress.idle`)."""
     overlap_matchmaking: bool = True
     """When the swarm reaches the target before our group is formed, keep training (those batches count
     towards this epoch) instead of waiting for the matchmaking window to end."""
@@ -591,11 +595,13 @@ class CollaborativeOptimizer:
 
     async def _publish(self) -> None:
         digest = self.state_server.digest if self.state_server.epoch == self.epoch else b""
+        last = self._last_step_time
+        working = last is not None and self.clock.time() - last < self.config.idle_after
         record = LocalProgress(
             self.node.peer_id,
             self.epoch,
             self._local_samples,
-            self.stats.samples_per_second,
+            self.stats.samples_per_second if working else 0.0,
             self.clock.time(),
             self._in_sync,
             digest,

@@ -119,6 +119,13 @@ class LocalProgress:
     left: bool = False
     """The peer left the run (its last record): it no longer counts."""
 
+    @property
+    def idle(self) -> bool:
+        """The peer does no work now (paused, or not started): no samples in its epoch and no recent steps.
+        It takes part in no round, so it neither holds up nor votes on the swarm's decisions; when it resumes
+        it catches up like a late joiner."""
+        return self.samples == 0 and self.samples_per_second == 0
+
     def to_wire(self) -> dict[str, Any]:
         """Plain msgpack data."""
         return {
@@ -171,7 +178,7 @@ class GlobalProgress:
     num_peers: int
     """Peers with a fresh record (in any epoch)."""
     num_peers_in_epoch: int
-    """Peers with a fresh record in the current epoch."""
+    """Peers with a fresh record in the current epoch that are not idle."""
     samples_per_second: float
     """The swarm's total throughput (fresh records of every epoch)."""
     eta: float
@@ -213,7 +220,8 @@ def aggregate(
         eta = missing / rate
     else:
         eta = math.inf
-    return GlobalProgress(epoch, samples, target_batch_size, len(fresh), len(current), rate, eta, now, tuple(fresh))
+    working = sum(1 for r in current if not r.idle)
+    return GlobalProgress(epoch, samples, target_batch_size, len(fresh), working, rate, eta, now, tuple(fresh))
 
 
 def canonical_state(records: Iterable[LocalProgress], epoch: int) -> tuple[bytes, tuple[PeerID, ...]] | None:
@@ -238,9 +246,10 @@ def canonical_state(records: Iterable[LocalProgress], epoch: int) -> tuple[bytes
 def settled(records: Iterable[LocalProgress], epoch: int, ignore: Iterable[PeerID] = ()) -> bool:
     """Whether ``epoch``'s state can be decided: no fresh record is still in the epoch before it (a peer there
     may be in the middle of the round that produces ``epoch``), except the peers in ``ignore`` (members that
-    failed in our round: if they come, they come out of sync and cannot outvote the peers in sync)."""
+    failed in our round: if they come, they come out of sync and cannot outvote the peers in sync) and idle peers
+    (they are in no round)."""
     skip = set(ignore)
-    return not any(r.epoch == epoch - 1 and r.peer not in skip for r in records)
+    return not any(r.epoch == epoch - 1 and r.peer not in skip and not r.idle for r in records)
 
 
 def progress_key(run_id: str) -> str:
@@ -329,7 +338,7 @@ class ProgressTracker:
             known[self.mine.peer] = self.mine
         seen = self._seen
         for peer, record in known.items():
-            if record.left:
+            if record.left or record.idle:
                 seen.pop(peer, None)
             elif record.time <= now + self.config.max_clock_skew:
                 seen[peer] = max(seen.get(peer, 0.0), record.time)
