@@ -164,6 +164,8 @@ async def _killed_join(
         "--peer",
         peer,
         "--headless",
+        "--device",
+        "cpu",
         "--quick",
         "--threads",
         "1",

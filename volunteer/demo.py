@@ -341,44 +341,30 @@ async def run_local_swarm(
                 (home / STDERR_FILE).open("ab")
             )
 
+        async def start(home: Path, *args: str) -> tuple[asyncio.subprocess.Process, BinaryIO]:
+            """``volunteer ARGS`` with its home at ``home``; stderr to its file; returns the process and the
+            file its stdout goes to (the caller pumps it)."""
+            out_log, err_log = log_files(home)
+            proc = await asyncio.create_subprocess_exec(
+                *CLI, *args, env=_env(home), stdout=asyncio.subprocess.PIPE, stderr=err_log
+            )
+            procs.append(proc)
+            return proc, out_log
+
         try:
             async with asyncio.TaskGroup() as tg:
-                host_log, host_err = log_files(host_home)
-                host = await asyncio.create_subprocess_exec(
-                    *CLI,
-                    "host",
-                    str(manifest_file),
-                    "--checkpoint-interval",
-                    "5",
-                    env=_env(host_home),
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=host_err,
-                )
-                procs.append(host)
+                host, host_log = await start(host_home, "host", str(manifest_file), "--checkpoint-interval", "5")
                 address = await _read_host_address(host)
                 tg.create_task(_drain(host.stdout, host_log))
                 if console is not None:
                     console.print(f"host up: run [bold]{reference}[/bold] at {address}; logs under {root}")
                 for i in range(volunteers):
-                    home = root / f"volunteer{i + 1}"
-                    out_log, err_log = log_files(home)
-                    proc = await asyncio.create_subprocess_exec(
-                        *CLI,
-                        "join",
-                        reference,
-                        "--peer",
-                        address,
-                        "--headless",
-                        "--seconds",
-                        str(seconds),
-                        "--threads",
-                        "1",
-                        "--quick",
-                        env=_env(home),
-                        stdout=asyncio.subprocess.PIPE,
-                        stderr=err_log,
+                    # The volunteers share this machine's CPU (a GPU, if any, follows the owner's preferences).
+                    proc, out_log = await start(
+                        root / f"volunteer{i + 1}",
+                        *("join", reference, "--peer", address, "--headless", "--seconds", str(seconds)),
+                        *("--threads", "1", "--device", "cpu", "--quick"),
                     )
-                    procs.append(proc)
                     peer = _Peer(PeerLog(f"volunteer {i + 1}"), proc)
                     peers.append(peer)
                     tg.create_task(_pump(peer, out_log))
