@@ -47,6 +47,20 @@ async def read_all(stream: Stream) -> bytes:
     return b"".join(parts)
 
 
+async def echo_through(conn: Connection, payload: bytes) -> bytes:
+    """Send ``payload`` on a new stream of ``conn`` (then half-close) while reading what comes back."""
+    stream = await conn.open_stream()
+
+    async def send() -> None:
+        await stream.write(payload)
+        await stream.write_eof()
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(send())
+        echoed = tg.create_task(read_all(stream))
+    return echoed.result()
+
+
 @contextlib.asynccontextmanager
 async def peer(handler: Handler = echo, config: QuicConfig = FAST) -> AsyncIterator[tuple[QuicTransport, Address]]:
     async with QuicTransport(Identity.generate(), handler, config) as transport:
@@ -474,17 +488,8 @@ async def test_large_datagrams_carry_a_large_payload() -> None:
     async with peer(config=config) as (server, address), peer(config=config) as (client, _):
         async with asyncio.timeout(60):
             conn = await client.connect(address, server.local_peer)
-            stream = await conn.open_stream()
             payload = random.Random(3).randbytes(4 << 20)
-
-            async def send() -> None:
-                await stream.write(payload)
-                await stream.write_eof()
-
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(send())
-                echoed = tg.create_task(read_all(stream))
-            assert echoed.result() == payload
+            assert await echo_through(conn, payload) == payload
 
 
 class _Relay(asyncio.DatagramProtocol):
@@ -535,17 +540,8 @@ async def test_loopback_peers_get_large_datagrams_unless_switched_off(loopback_s
         asyncio.timeout(60),
     ):
         conn = await client.connect(via, server.local_peer)
-        stream = await conn.open_stream()
         payload = random.Random(5).randbytes(1 << 20)
-
-        async def send() -> None:
-            await stream.write(payload)
-            await stream.write_eof()
-
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(send())
-            echoed = tg.create_task(read_all(stream))
-        assert echoed.result() == payload
+        assert await echo_through(conn, payload) == payload
         assert max(relay.sizes) <= loopback_size
         assert (max(relay.sizes) > 1200) is expect_large
         if expect_large:  # 1 MiB each way went in far fewer packets than 1200-byte ones would need
@@ -614,17 +610,8 @@ async def test_handshake_datagrams_stay_at_1200_bytes_on_loopback() -> None:
         assert handshake
         assert max(handshake) <= 1200
         assert min(handshake[:2]) == 1200  # the client's Initial, and the server's answer, padded to 1200
-        stream = await conn.open_stream()
         payload = random.Random(6).randbytes(200_000)
-
-        async def send() -> None:
-            await stream.write(payload)
-            await stream.write_eof()
-
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(send())
-            echoed = tg.create_task(read_all(stream))
-        assert echoed.result() == payload
+        assert await echo_through(conn, payload) == payload
         assert max(relay.sizes) > 1200  # data still uses the large loopback datagrams
 
 
@@ -636,12 +623,6 @@ async def test_handshake_state_is_dropped_and_late_handshake_packets_are_ignored
 
     from coordinator_free_dht.net.quic import _FRAME_HANDLERS_ATTR, _NO_CRYPTO_STREAM, _NO_KEYS, _FrameHandlers
 
-    async def echo_once(conn: Connection, payload: bytes) -> bytes:
-        stream = await conn.open_stream()
-        await stream.write(payload)
-        await stream.write_eof()
-        return await read_all(stream)
-
     async with (
         peer() as (server, address),
         peer() as (client, _),
@@ -650,7 +631,7 @@ async def test_handshake_state_is_dropped_and_late_handshake_packets_are_ignored
     ):
         conn = await client.connect(via, server.local_peer)
         handshake = list(relay.from_client)
-        assert await echo_once(conn, b"first") == b"first"
+        assert await echo_through(conn, b"first") == b"first"
         inbound = server.connection_to(client.local_peer)
         assert inbound is not None
         await asyncio.sleep(0.2)  # the client's ACK of HANDSHAKE_DONE, so both ends confirmed
@@ -669,7 +650,7 @@ async def test_handshake_state_is_dropped_and_late_handshake_packets_are_ignored
         await asyncio.sleep(0.2)
         assert not conn.is_closed
         assert not inbound.is_closed
-        assert await echo_once(conn, b"second") == b"second"
+        assert await echo_through(conn, b"second") == b"second"
 
 
 def test_ip_literals_skip_name_resolution() -> None:
