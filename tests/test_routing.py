@@ -11,8 +11,11 @@ from coordinator_free_dht.ids import ID_BITS, MAX_ID
 from coordinator_free_dht.routing import AddOutcome, RoutingConfig, RoutingTable
 
 
-def _filled_table(rng: random.Random, n: int, k: int = 20) -> tuple[RoutingTable, dict[int, str]]:
-    table = RoutingTable(rng.getrandbits(ID_BITS), now=0.0, config=RoutingConfig(k=k))
+def _filled_table(
+    rng: random.Random, n: int, k: int = 20, depth_modulo: int | None = 2
+) -> tuple[RoutingTable, dict[int, str]]:
+    config = RoutingConfig(k=k, depth_modulo=depth_modulo)
+    table = RoutingTable(rng.getrandbits(ID_BITS), now=0.0, config=config)
     for i in range(n):
         node_id = rng.getrandbits(ID_BITS)
         table.add_or_update(node_id, f"addr{i}", now=float(i))
@@ -48,7 +51,7 @@ def test_nearest_property(own: int, others: list[int], n: int) -> None:
 
 def test_buckets_cover_the_id_space_and_split_only_on_our_side() -> None:
     rng = random.Random(1)
-    table, _ = _filled_table(rng, 2000)
+    table, _ = _filled_table(rng, 2000, depth_modulo=None)
     assert table.buckets[0].lower == 0
     assert table.buckets[-1].upper == 1 << ID_BITS
     for left, right in zip(table.buckets, table.buckets[1:], strict=False):
@@ -57,6 +60,22 @@ def test_buckets_cover_the_id_space_and_split_only_on_our_side() -> None:
     # A bucket-tree grown by own-range splits has exactly one bucket per depth plus our own leaf.
     depths = sorted(b.depth for b in table.buckets)
     assert depths[:-1] == list(range(1, len(depths)))
+
+
+def test_accelerated_table_splits_far_ranges_into_2_to_the_b_minus_1_buckets() -> None:
+    # Section 4.2 with b = 2 (the default): each range off our own path that starts at an odd depth splits
+    # once more, so a level holds 2 buckets of k instead of one, and a 64-node network fits in the table.
+    rng = random.Random(3)
+    table, _ = _filled_table(rng, 2000)
+    assert RoutingConfig().depth_modulo == 2
+    own = table.node_id
+    far = [b for b in table.buckets if not b.covers(own)]
+    assert {b.depth for b in far} >= {2, 4, 6}
+    assert all(b.depth % 2 == 0 for b in far)  # odd-depth ranges off our path were split again
+    # Depth 2: the two quarters of the half without us, and the quarter of our half that we are not in.
+    assert sum(1 for b in far if b.depth == 2) == 3
+    small, _ = _filled_table(random.Random(4), 63)
+    assert len(small) == 63  # every peer of a 64-node network fits (k = 20 per quarter of the far half)
 
 
 def test_client_mode_and_self_are_never_added() -> None:
@@ -119,3 +138,18 @@ def test_stale_ranges_and_touch() -> None:
     for bucket in table.buckets:
         table.touch(bucket.lower, now=100_000.0)
     assert table.stale_ranges(now=100_001.0, interval=3600.0) == []
+
+
+def test_has_room_says_whether_a_contact_would_be_added() -> None:
+    own = 0
+    table = RoutingTable(own, now=0.0, config=RoutingConfig(k=2, depth_modulo=None))
+    far = 1 << (ID_BITS - 1)
+    assert not table.has_room(own)
+    assert table.has_room(far + 1)
+    for node_id in (far + 1, far + 2):
+        table.add_or_update(node_id, "a", now=0.0)
+    assert table.has_room(far + 1)  # known: an update
+    assert not table.has_room(far + 3)  # the far half is full and does not split
+    assert table.add_or_update(far + 3, "c", now=0.0) is AddOutcome.CACHED
+    assert table.has_room(5)  # our own range splits
+    assert table.add_or_update(5, "e", now=0.0) is AddOutcome.ADDED

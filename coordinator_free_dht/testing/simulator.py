@@ -280,7 +280,8 @@ class Simulator:
                 node_id = rng.getrandbits(ID_BITS)
             self._new_slot(node_id)
         ordered = sorted(self.ids)
-        k = self.config.protocol.routing.k
+        routing = self.config.protocol.routing
+        k = routing.k
         for slot, node_id in enumerate(self.ids):
             core = self.cores[slot]
             assert core is not None
@@ -291,7 +292,9 @@ class Simulator:
                 lower = ((node_id >> bit) ^ 1) << bit
                 lo = bisect.bisect_left(ordered, lower)
                 hi = bisect.bisect_left(ordered, lower + (1 << bit))
-                picks = ordered[lo:hi] if hi - lo <= k else [ordered[i] for i in rng.sample(range(lo, hi), k)]
+                # A range the table splits further (section 4.2's b) holds k per bucket it becomes.
+                room = k * _buckets_in_range(ID_BITS - bit, routing.depth_modulo)
+                picks = ordered[lo:hi] if hi - lo <= room else [ordered[i] for i in rng.sample(range(lo, hi), room)]
                 for other in picks:
                     table.add_or_update(other, f"sim/{self._slot_of[other]}", now)
                 if _alone_in_prefix(ordered, node_id, bit):
@@ -681,6 +684,15 @@ class Simulator:
             if core is not None and core.get_local(key_id, self._clock(slot)) is not None:
                 count += 1
         return count
+
+
+def _buckets_in_range(depth: int, depth_modulo: int | None) -> int:
+    """How many buckets a full table keeps for a range at ``depth`` that does not hold our own id."""
+    count = 1
+    while depth_modulo is not None and depth % depth_modulo != 0:
+        count *= 2
+        depth += 1
+    return count
 
 
 def _alone_in_prefix(ordered: list[int], node_id: int, bit: int) -> bool:
