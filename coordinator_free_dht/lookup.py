@@ -221,6 +221,16 @@ class Lookup:
             pending.append(self._started + self.config.value_hedge_delay)
         return min(pending) if pending else None
 
+    def overdue(self, now: float) -> bool:
+        """True if a request has waited past the soft timeout with no reply (nor hard failure) yet."""
+        cutoff = now - self.soft_timeout
+        return not self.done and any(t <= cutoff for t in self._sent.values())
+
+    def unqueried(self) -> list[tuple[int, Address]]:
+        """Candidates the walk heard of but never asked, closest first."""
+        state = self._state
+        return [(node_id, self._addr[node_id]) for _, node_id in self._order if state[node_id] == _UNQUERIED]
+
     def in_flight(self) -> list[int]:
         """Peers with an unanswered request (including slow ones past the soft timeout)."""
         return list(self._sent)

@@ -195,3 +195,16 @@ def test_soft_timeout_can_be_moved_by_the_driver() -> None:
     assert lookup.get_timer(0.6) == 2.0
     assert lookup.next_requests(0.6) == []
     assert len(lookup.next_requests(2.0)) == 2  # now they count as slow: two more go out
+
+
+def test_overdue_and_unqueried_tell_the_driver_what_is_late_and_what_was_never_asked() -> None:
+    lookup = Lookup(0, config=LookupConfig(k=2, alpha=1, soft_timeout=1.0))
+    lookup.start([(10, "a"), (20, "b"), (30, "c")], now=0.0)
+    assert lookup.next_requests(0.0) == [(10, "a")]
+    assert not lookup.overdue(0.9)
+    assert lookup.overdue(1.0)  # a is past the soft timeout with no answer
+    lookup.on_reply(10, [(5, "e"), (40, "d")], None, now=1.2)
+    assert not lookup.overdue(1.2)
+    assert lookup.unqueried() == [(5, "e"), (20, "b"), (30, "c"), (40, "d")]  # closest first
+    assert lookup.next_requests(1.2) == [(5, "e")]
+    assert lookup.unqueried() == [(20, "b"), (30, "c"), (40, "d")]

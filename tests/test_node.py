@@ -464,3 +464,34 @@ def test_rtt_estimator_sets_the_soft_timeout_of_lookups() -> None:
     for _ in range(50):
         rtt.sample(30.0)
     assert rtt.timeout(0.5, 5.0) == 5.0  # never beyond the RPC deadline
+
+
+def test_rtt_estimator_backs_off_while_our_loop_is_behind() -> None:
+    from coordinator_free_dht.node import _RTTEstimator
+
+    rtt = _RTTEstimator()
+    rtt.back_off()  # no sample yet, the lookup timer fired late: wait twice as long before sending more
+    assert rtt.timeout(0.5, 5.0) == 1.0
+    rtt.back_off()
+    assert rtt.timeout(0.5, 5.0) == 2.0
+    for _ in range(10):
+        rtt.back_off()
+    assert rtt.timeout(0.5, 5.0) == 5.0  # still never beyond the RPC deadline
+    rtt.sample(0.01)  # a reply: the backoff ends, the measured round trips decide again
+    assert rtt.timeout(0.5, 5.0) == 0.5
+
+
+@virtual_time
+async def test_join_fill_puts_the_whole_small_network_in_every_table() -> None:
+    # A store reaches its replicas in one round when the writer already knows them: after joining (and
+    # filling), every node of a 40-node network knows all others; without the fill, far fewer.
+    for fill, seed in ((True, 21), (False, 21)):
+        async with swarm(seed=seed) as net:
+            nodes = await net.grow(40, NodeConfig(join_fill=fill))
+            sizes = [n.routing_table_size for n in nodes]
+            mean = sum(sizes) / len(sizes)
+            if fill:
+                assert mean >= len(nodes) - 1.5  # nearly everyone knows everyone (measured: 38.8 of 39)
+                assert min(sizes) >= len(nodes) - 3
+            else:
+                assert mean < len(nodes) - 4  # measured: 33.4 of 39
