@@ -80,6 +80,9 @@ class SimConfig:
     """Lifetime of stored values."""
     join_refreshes: int = 2
     """Bucket refresh lookups a joining node runs after looking up its own id (farthest buckets first)."""
+    join_fill: bool = True
+    """After its join lookups, a joining node pings the contacts they named that its table has room for
+    (``NodeConfig.join_fill``; here all at once rather than a few at a time)."""
     read_back: bool = True
     """Read every key back after storing it (False: stores only, e.g. to count replicas)."""
     check_wire: bool = False
@@ -152,6 +155,7 @@ class _Op:
         "finished",
         "key_id",
         "kind",
+        "learned",
         "lookup",
         "outstanding",
         "raw_key",
@@ -175,6 +179,7 @@ class _Op:
         self.retries = 0  # bootstrap attempts of a join
         self.stored = 0
         self.refreshes: list[int] = []
+        self.learned: dict[int, str] = {}  # a join's contacts heard of but never asked (for the fill)
         self.timer_at = math.inf
         self.finalized = False  # the current lookup's result was handled
         self.finished = False  # the whole operation ended (or its node died)
@@ -567,6 +572,8 @@ class Simulator:
             self._send(op.slot, node_id, _FIND, core.make_find([lookup.target], lookup.want_value, now), op, raw_keys)
         if lookup.done:
             op.finalized = True  # later timers and late replies of this lookup are ignored
+            if op.kind == "join":
+                op.learned.update(lookup.unqueried())
             self._finish_lookup(op, core, lookup.result())
             return
         timer = lookup.get_timer(now)
@@ -613,6 +620,12 @@ class Simulator:
             self._begin_lookup(op, want_value=False)
         else:
             op.finished = True
+            if self.config.join_fill:
+                table = core.table
+                own = self.ids[op.slot]
+                for node_id in sorted(op.learned, key=lambda i: i ^ own):
+                    if node_id not in table and table.has_room(node_id) and not table.is_blacklisted(node_id, now):
+                        self._send(op.slot, node_id, _PING, core.make_ping(now), None)
 
     def _release(self, op: _Op) -> None:
         if op.lookup is not None and op.kind != "join":
