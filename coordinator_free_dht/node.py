@@ -697,8 +697,18 @@ class DHTNode:
                 logger.warning("DHT maintenance pass failed: %s", exc)
 
     async def maintain(self) -> None:
-        """One maintenance pass: drop expired records, republish ours that are due, refresh stale buckets."""
+        """One maintenance pass: drop expired records, republish ours that are due, refresh stale buckets.
+
+        A node whose every contact failed (a long partition, its network down for a while) has nothing left
+        to look up from: it joins again through its bootstrap peers first
+        (:class:`~coordinator_free_dht.errors.BootstrapError` if none of them answers yet).
+        """
         protocol = self.protocol
+        if not len(protocol.table) and self.bootstrap_peers:
+            logger.info(
+                "no contacts left: joining the DHT again through %d bootstrap peer(s)", len(self.bootstrap_peers)
+            )
+            await self._bootstrap()
         now = self.clock.time()
         protocol.storage.remove_expired(now)
         due = protocol.due_republish(now)

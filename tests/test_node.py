@@ -256,6 +256,28 @@ async def test_dead_peers_are_blacklisted_and_gets_still_succeed() -> None:
 
 
 @virtual_time
+async def test_a_node_cut_off_until_its_table_empties_joins_again_after_the_heal() -> None:
+    async with swarm(seed=23) as net:
+        nodes = await net.grow(10)
+        expiration = net.now() + TTL
+        assert await nodes[3].store("before", "v", expiration)
+        lonely = nodes[-1]
+        rest = [n.peer_id for n in nodes if n is not lonely]
+        net.network.partition(lonely.peer_id, rest)
+        for i in range(40):  # every request fails: each contact is evicted in turn
+            assert await lonely.get(f"missing-{i}") is None
+            if lonely.routing_table_size == 0:
+                break
+        assert lonely.routing_table_size == 0
+        with pytest.raises(BootstrapError):
+            await lonely.maintain()  # still cut off: the bootstrap peers do not answer
+        net.network.heal()
+        await lonely.maintain()
+        assert lonely.routing_table_size >= len(nodes) - 2
+        assert await lonely.get("before") == ValueWithExpiration("v", expiration)
+
+
+@virtual_time
 async def test_blacklist_backoff_grows() -> None:
     async with swarm(seed=10) as net:
         nodes = await net.grow(6)
