@@ -441,8 +441,11 @@ class DHTNode:
 
     # --- talking to peers ---------------------------------------------------------------------------
 
-    async def _call(self, node_id: int, address: Address, request: dict[str, Any]) -> tuple[object, float]:
-        """Send one request; returns the reply and our wall time when it was sent. Raises DHTError."""
+    async def _call(
+        self, node_id: int, address: Address, request: dict[str, Any], deadline_s: float | None = None
+    ) -> tuple[object, float]:
+        """Send one request (its deadline: ``deadline_s``, else the RPC timeout); returns the reply and our
+        wall time when it was sent. Raises DHTError."""
         try:
             peer = PeerInfo(PeerID(node_id.to_bytes(ID_BYTES, "big")), (NetAddress.parse(address),))
         except ValueError as exc:
@@ -450,7 +453,8 @@ class DHTNode:
         sent_at = self.clock.time()
         self.stats.requests_sent += 1
         # eager_eof: our handler is inline (nothing to cancel), so our EOF rides with the request.
-        reply = await self.rpc.call_unary(peer, METHOD, request, timeout=self.config.rpc_timeout, eager_eof=True)
+        deadline = self.config.rpc_timeout if deadline_s is None else deadline_s
+        reply = await self.rpc.call_unary(peer, METHOD, request, timeout=deadline, eager_eof=True)
         self._rtt.sample(self.clock.time() - sent_at)
         return reply, sent_at
 
@@ -461,10 +465,10 @@ class DHTNode:
             self.protocol.on_request_failed(node_id, self.clock.time())
         logger.debug("request to %s failed: %s", _short(node_id), exc)
 
-    async def _ping(self, node_id: int, address: Address) -> bool:
+    async def _ping(self, node_id: int, address: Address, deadline_s: float | None = None) -> bool:
         protocol = self.protocol
         try:
-            reply, sent_at = await self._call(node_id, address, protocol.make_ping(self.clock.time()))
+            reply, sent_at = await self._call(node_id, address, protocol.make_ping(self.clock.time()), deadline_s)
             protocol.on_ping_reply(node_id, address, reply, sent_at, self.clock.time())
         except DHTError as exc:
             self._failed(node_id, exc)
@@ -681,7 +685,10 @@ class DHTNode:
                     and table.has_room(node_id)
                     and not table.is_blacklisted(node_id, self.clock.time())
                 ):
-                    await self._ping(node_id, address)
+                    # A contact heard of from others may have left: its ping waits about two of our round
+                    # trips (at least 1 s), not the whole RPC deadline, so dead ones hold up the join little.
+                    soft = self._rtt.timeout(self.protocol.config.lookup.soft_timeout, self.config.rpc_timeout)
+                    await self._ping(node_id, address, min(self.config.rpc_timeout, max(1.0, 2 * soft)))
 
         async with asyncio.TaskGroup() as tg:
             for node_id, address in pending:

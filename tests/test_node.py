@@ -256,6 +256,26 @@ async def test_dead_peers_are_blacklisted_and_gets_still_succeed() -> None:
 
 
 @virtual_time
+async def test_join_fill_pings_live_contacts_and_gives_up_on_dead_ones_quickly() -> None:
+    async with swarm(seed=24) as net:
+        nodes = await net.grow(6, NodeConfig(join_fill=False))
+        newcomer = nodes[-1]
+        # Contacts it heard of (as a join lookup's replies would name them): two live, three gone.
+        live = [await net.node(NodeConfig(join_fill=False), bootstrap=[]) for _ in range(2)]
+        dead = [await net.node(NodeConfig(join_fill=False), bootstrap=[]) for _ in range(3)]
+        learned = {n.peer_id.to_int(): str(n.peer_addresses[0].address) for n in [*live, *dead]}
+        for node in dead:
+            net.kill(node)
+        started = net.now()
+        await newcomer._fill(learned)
+        elapsed = net.now() - started
+        assert elapsed < newcomer.config.rpc_timeout / 2  # dead contacts cost ~1 s each, not the RPC deadline
+        assert all(n.peer_id.to_int() in newcomer.protocol.table for n in live)
+        assert not any(n.peer_id.to_int() in newcomer.protocol.table for n in dead)
+        assert all(newcomer.peer_id.to_int() in n.protocol.table for n in live)  # and we are in theirs
+
+
+@virtual_time
 async def test_a_node_cut_off_until_its_table_empties_joins_again_after_the_heal() -> None:
     async with swarm(seed=23) as net:
         nodes = await net.grow(10)
