@@ -12,8 +12,10 @@ its messages over :class:`~coordinator_free_dht.net.rpc.RPC` and runs the timers
   one traversal; a value found remotely is cached here and at the closest node that lacked it (section 2.3).
 - **Bootstrap** (section 2.3, "to join the network"): ping the initial peers with retry and exponential
   backoff (:class:`~coordinator_free_dht.errors.BootstrapError` if none ever answers), then look up our own id
-  and a few far-away ids to fill the table.
-- **Maintenance** (sections 2.3, 2.5): periodic bucket refresh, republication of our own records, expiry;
+  and a few far-away ids, then ping the contacts those lookups named that the table has room for
+  (:attr:`NodeConfig.join_fill`).
+- **Maintenance** (sections 2.3, 2.5): periodic bucket refresh, republication of our own records, expiry, and
+  a new join through the bootstrap peers if every contact failed;
   ping-before-evict and handing keys to newly joined nearer nodes run as background tasks when the core
   asks for them (its events).
 
@@ -106,8 +108,8 @@ class NodeConfig:
     """With the lookup of our own id, lookups of random ids in this many of the farthest buckets."""
     join_refresh_k: int | None = 5
     """Those refresh lookups end once this many closest nodes answered (None: the core's lookup ``k``). They
-    only need to put a few contacts into a far bucket (and us into theirs): a full k = 20 walk to a random
-    id would dial nearly every node of a small network while a whole swarm joins, each dial a handshake."""
+    only need to learn of contacts in a far bucket (the fill below meets the ones that fit): a full k = 20
+    walk to a random id asks ~20 nodes in turn where a few answers already name them."""
     join_fill: bool = True
     """After those lookups, ping the contacts they named that we have not met and that our table has room
     for (at most :attr:`join_fill_parallel` at once), so that we are in their tables and they in ours. A
