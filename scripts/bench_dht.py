@@ -105,6 +105,7 @@ async def workload(run: Runner, nodes: int, ops: int, concurrency: int, seed: in
     rng = random.Random(seed)
     result: dict[str, Any] = {}
     total = ok = 0
+    tables: dict[int, int] = {}  # node index -> routing table size its last reply reported (node processes)
     for phase, width in (("", 1), ("concurrent_", concurrency)):
         expiration = time.time() + TTL
         keys = [f"bench-{phase}{i}" for i in range(ops)]
@@ -123,8 +124,11 @@ async def workload(run: Runner, nodes: int, ops: int, concurrency: int, seed: in
             oks: dict[str, int] = oks,
         ) -> None:
             op = {"op": kind, "key": key, "value": values[key], "expiration": expiration}
+            index = rng.randrange(nodes)
             async with gate:
-                reply = await run(rng.randrange(nodes), op)
+                reply = await run(index, op)
+            if "table" in reply:
+                tables[index] = reply["table"]
             latencies[kind].append(reply["ms"])
             oks[kind] += reply["ok"]
 
@@ -146,6 +150,8 @@ async def workload(run: Runner, nodes: int, ops: int, concurrency: int, seed: in
             total += ops
             ok += oks[kind]
     result["success_rate"] = round(ok / total, 4) if total else 0.0
+    if tables:
+        result["table_size_mean"] = round(sum(tables.values()) / len(tables), 1)
     return result
 
 
