@@ -59,6 +59,12 @@ class ConnectionLostError(TransportError):
     """The connection to the peer ended (peer died, idle timeout, or it closed) while in use."""
 
 
+class ConnectionIdleClosedError(ConnectionLostError):
+    """The peer closed the connection because it had carried no stream for a while (QUIC's
+    ``idle_close_after``). A peer closes only a connection without streams, and ignores whatever arrives
+    after its close, so a request that met the close never ran there: sending it again is safe."""
+
+
 class TransportClosedError(TransportError):
     """The local transport or connection was already closed when it was used."""
 

@@ -451,6 +451,28 @@ async def test_killed_peer_fails_pending_read_promptly() -> None:
             await child.wait()
 
 
+async def test_idle_connection_is_closed_on_both_sides_and_dialed_again() -> None:
+    config = QuicConfig(idle_timeout=2.0, keepalive_interval=0.2, handshake_timeout=5.0, idle_close_after=0.5)
+    async with peer(config=config) as (server, address), peer(config=config) as (client, _):
+        async with asyncio.timeout(30):
+            conn = await client.connect(address, server.local_peer)
+            assert await echo_through(conn, b"hi") == b"hi"
+            # A stream held open keeps the connection however long it is quiet.
+            held = await conn.open_stream()
+            await held.write(b"x")
+            await asyncio.sleep(1.5)
+            assert not conn.is_closed
+            await held.write_eof()
+            assert await read_all(held) == b"x"
+            # Without streams it is closed after idle_close_after, on both sides.
+            while not conn.is_closed or server.connection_to(client.local_peer) is not None:  # noqa: ASYNC110 - polling the transports under test
+                await asyncio.sleep(0.05)
+            assert client.connection_to(server.local_peer) is None
+            again = await client.connect(address, server.local_peer)
+            assert again is not conn
+            assert await echo_through(again, b"again") == b"again"
+
+
 def test_config_validates() -> None:
     with pytest.raises(ValueError, match="max_datagram_size"):
         QuicConfig(max_datagram_size=1000)
@@ -460,6 +482,8 @@ def test_config_validates() -> None:
         QuicConfig(idle_timeout=10, keepalive_interval=6)
     with pytest.raises(ValueError, match="watermark"):
         QuicConfig(send_low_watermark=10, send_high_watermark=5)
+    with pytest.raises(ValueError, match="idle_close_after"):
+        QuicConfig(idle_close_after=-1)
 
 
 async def test_dial_to_a_silent_port_times_out() -> None:

@@ -424,6 +424,41 @@ async def test_registration_rules(net: Swarm) -> None:
     rpc.register_unary("echo", echo)
 
 
+@pytest.mark.parametrize("closes", [1, 2])
+async def test_a_call_that_meets_an_idle_close_is_sent_again_once(closes: int) -> None:
+    # Over QUIC: the server closes the connection as idle (QuicConfig.idle_close_after) just as the request
+    # arrives. The request did not run there, so the caller sends it again on a new connection, once.
+    from coordinator_free_dht.errors import ConnectionIdleClosedError
+    from coordinator_free_dht.net.quic import _IDLE_CLOSE, QuicTransport
+
+    async with swarm("quic") as quic_net:
+        server = quic_net.make()
+        calls: list[Any] = []
+
+        def close_as_idle(ctx: CallContext, request: Any) -> Any:
+            calls.append(request)
+            if len(calls) <= closes:
+                transport = server.transports["quic"]
+                assert isinstance(transport, QuicTransport)
+                conn = transport.connection_to(ctx.peer)
+                assert conn is not None
+                conn.close_now(_IDLE_CLOSE)
+            return {"ok": request}
+
+        server.register_unary_inline("m", close_as_idle)
+        info = await quic_net.start(server)
+        client, _ = await quic_net.peer()
+        async with asyncio.timeout(30):
+            if closes == 1:
+                assert await client.call_unary(info, "m", 7, timeout=10) == {"ok": 7}
+            else:
+                with pytest.raises(ConnectionIdleClosedError):
+                    await client.call_unary(info, "m", 7, timeout=10)
+        assert calls == [7, 7]
+        # Still usable afterwards.
+        assert await client.call_unary(info, "m", 8, timeout=10) == {"ok": 8}
+
+
 @pytest.mark.skipif(KIND != "mem", reason="needs the simulated network")
 async def test_calls_over_a_slow_lossy_link() -> None:
     from coordinator_free_dht.net.memory import LinkProfile

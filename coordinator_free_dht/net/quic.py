@@ -90,6 +90,7 @@ from aioquic.quic.stream import QuicStreamSender
 from cryptography import x509
 
 from coordinator_free_dht.errors import (
+    ConnectionIdleClosedError,
     ConnectionLostError,
     DHTError,
     DialError,
@@ -117,6 +118,7 @@ _RESET_CODE = 0x1  # application error code for a reset stream
 _MISMATCH_CODE = 0x2  # application error code: the peer proved the wrong identity
 _NO_CERT_CODE = 0x3  # application error code: the dialer presented no usable certificate
 _STREAM_OPEN = b"\x00"  # the first byte of every stream, sent by its opener (see open_stream)
+_IDLE_CLOSE = "idle"  # the reason phrase of a close for want of streams (QuicConfig.idle_close_after)
 # QUIC version 1 only: every peer runs this transport, and aioquic derives Initial keys for each version it
 # supports on every connection (a CryptoPair, HKDF derivations and two AES contexts for version 2 besides 1).
 _VERSIONS: list[int] = [QuicProtocolVersion.VERSION_1]
@@ -178,6 +180,12 @@ class QuicConfig:
     """Seconds of silence after which a PING is sent, so live idle connections are not timed out.
     Must be below half of ``idle_timeout``."""
 
+    idle_close_after: float = 300.0
+    """Close a connection that carried no stream for this many seconds (0: never). Keepalive PINGs hold every
+    connection open otherwise, and a DHT node talks to many peers once: a long-running node would keep a
+    connection (~40 KB) to each of them. A later call dials again; a call that meets the close is sent again
+    on a new connection (:class:`~coordinator_free_dht.errors.ConnectionIdleClosedError`)."""
+
     handshake_timeout: float = 10.0
     """Seconds a dial (or an inbound handshake) may take before it fails with ``DialTimeoutError``."""
 
@@ -227,6 +235,8 @@ class QuicConfig:
             raise ValueError(f"congestion_control must be 'reno' or 'cubic', got {self.congestion_control!r}")
         if not 0 < self.keepalive_interval < self.idle_timeout / 2:
             raise ValueError("keepalive_interval must be positive and below half of idle_timeout")
+        if self.idle_close_after < 0:
+            raise ValueError("idle_close_after must be >= 0 (0: never)")
         if self.handshake_timeout <= 0:
             raise ValueError("handshake_timeout must be positive")
         if not 0 < self.send_low_watermark <= self.send_high_watermark:
@@ -660,6 +670,7 @@ class QuicConnectionHandle(Connection):
         self._superseded = False
         self._close_error: TransportError | None = None
         self.last_received = self._loop.time()
+        self.last_active = self.last_received  # when a stream last opened or ended (see idle_close_after)
         self.heard = False  # any datagram arrived from the peer on this connection
         self._ping_ids = itertools.count()
         self._wrote = False  # something was queued to send since the last flush (see _flush)
@@ -706,6 +717,7 @@ class QuicConnectionHandle(Connection):
         stream = QuicStream(self, stream_id)
         stream._written = len(_STREAM_OPEN)
         self._streams[stream_id] = stream
+        self.last_active = self._loop.time()
         self._quic.consumed[stream_id] = 0
         self._schedule_send()
         return stream
@@ -796,6 +808,7 @@ class QuicConnectionHandle(Connection):
                 self._finished.discard(stream_id)
                 self._streams.pop(stream_id, None)
                 self._quic.consumed.pop(stream_id, None)
+                self.last_active = now
             if self._superseded and not self._streams:
                 self.close_now("superseded by another connection to the same peer")
 
@@ -839,6 +852,8 @@ class QuicConnectionHandle(Connection):
             reason = event.reason_phrase or f"error code 0x{event.error_code:x}"
             if self._remote_peer is None:
                 self._terminate(HandshakeError(f"handshake with {self._peer_text()} failed: {reason}"))
+            elif event.reason_phrase == _IDLE_CLOSE and event.error_code == QuicErrorCode.NO_ERROR:
+                self._terminate(ConnectionIdleClosedError(f"{self._peer_text()} closed the idle connection"))
             else:
                 self._terminate(ConnectionLostError(f"connection to {self._peer_text()} lost: {reason}"))
 
@@ -889,6 +904,7 @@ class QuicConnectionHandle(Connection):
             # as it does, so an unknown id is a new stream opened by the peer.
             stream = QuicStream(self, event.stream_id)
             self._streams[event.stream_id] = stream
+            self.last_active = self._loop.time()
             self._quic.consumed[event.stream_id] = len(_STREAM_OPEN)
             if not event.data.startswith(_STREAM_OPEN):
                 logger.info("resetting stream %d from %s: no stream-open marker", event.stream_id, self._peer_text())
@@ -1482,12 +1498,19 @@ class QuicTransport(Transport):
 
     async def _keepalive(self) -> None:
         interval = self._config.keepalive_interval
+        idle_close_after = self._config.idle_close_after
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval / 2)
             now = loop.time()
             for conn in list(self._peers.values()):
-                if now - conn.last_received >= interval:
+                if conn.is_closed:
+                    continue
+                if idle_close_after and not conn._streams and now - conn.last_active >= idle_close_after:
+                    # No stream here, so nothing the peer sends from now on runs (a closed connection
+                    # reads nothing): a request of its that crosses our close is safe to send again.
+                    conn.close_now(_IDLE_CLOSE)
+                elif now - conn.last_received >= interval:
                     conn.send_ping()
 
     def _check_open(self) -> None:

@@ -48,6 +48,7 @@ from typing import Any, Final, Self
 
 from coordinator_free_dht.errors import (
     CallCancelledError,
+    ConnectionIdleClosedError,
     ConnectionLostError,
     DeadlineExceededError,
     DialError,
@@ -757,22 +758,31 @@ class RPC:
         scope: asyncio.Timeout | None = None
         try:
             async with asyncio.timeout_at(deadline) as scope:
-                stream, _ = await self._open_stream(peer, bulk)
-                chan = _Channel(stream, config, self.bandwidth)
-                ok = False
-                try:
-                    await chan.write(request_frames)
-                    if eager_eof:
+                retried = False
+                while True:
+                    stream, _ = await self._open_stream(peer, bulk)
+                    chan = _Channel(stream, config, self.bandwidth)
+                    ok = False
+                    try:
+                        await chan.write(request_frames)
+                        if eager_eof:
+                            await chan.write_eof()
+                        result = await _read_unary_reply(chan, method)
+                        ok = True
+                    except ConnectionIdleClosedError:
+                        # The peer closed the connection for want of streams as our request reached it:
+                        # the request never ran there (see the error), so it goes again on a new one.
+                        if retried:
+                            raise
+                        retried = True
+                        continue
+                    finally:
+                        if not ok:
+                            stream.reset()
+                    # The handler side waits for our EOF to close the stream cleanly.
+                    with contextlib.suppress(TransportError):
                         await chan.write_eof()
-                    result = await _read_unary_reply(chan, method)
-                    ok = True
-                finally:
-                    if not ok:
-                        stream.reset()
-                # The handler side waits for our EOF to close the stream cleanly.
-                with contextlib.suppress(TransportError):
-                    await chan.write_eof()
-                return result
+                    return result
         except TimeoutError:
             if scope is not None and scope.expired():
                 raise DeadlineExceededError(
