@@ -117,7 +117,7 @@ class NodeConfig:
     ``num_replicas`` nodes nearest to the key; with the join lookups alone a node of a 64-node network met
     ~38 of the 63 others, and half of all stores needed a second round to nodes never met (each a new
     connection, i.e. a handshake: N=64 store p95 ~20 ms instead of ~8 ms). The table's own limits (k per
-    bucket) bound the fill: in a large network it pings at most one bucket's worth of peers per level."""
+    bucket) bound the fill: in a large network it pings at most the room its buckets have left."""
     join_fill_parallel: int = 8
     """Fill pings in flight at once."""
     maintenance_interval: float = 60.0
@@ -190,8 +190,8 @@ class _RTTEstimator:
     Before the first replies there is no sample, and a node whose own event loop is the bottleneck (a swarm
     joining at once, every new contact a handshake, or a machine busy with other work) hears nothing back
     within any fixed timeout: a soft timeout that then frees slots sends more requests into the same queue
-    (congestion collapse: with 64 nodes joining on one loop, a third of all requests outlived even the 5 s
-    deadline and their peers were evicted as dead). So when the lookup timer itself fires late (our loop
+    (congestion collapse: with 64 nodes joining on one loop, 2,106 of 4,663 requests outlived even the 5 s
+    deadline and their live peers were evicted as dead). So when the lookup timer itself fires late (our loop
     is behind, not the peers), the soft timeout doubles instead (RFC 6298, 5.5's backoff) until a reply
     brings a sample; when it fires on time, slow peers are the cause and their slots go to others as usual.
     """
@@ -673,8 +673,8 @@ class DHTNode:
     async def _fill(self, learned: dict[int, Address]) -> None:
         """Ping the ``learned`` contacts our table has room for (see :attr:`NodeConfig.join_fill`)."""
         table = self.protocol.table
-        # Nearest first: our own neighbourhood matters most, and filling it first leaves room decisions for
-        # the far buckets to the contacts that answered.
+        # Nearest first: the near buckets hold the nodes we share replicas with; far buckets take whoever
+        # answers while they have room.
         own = self.peer_id.to_int()
         pending = sorted(learned.items(), key=lambda item: item[0] ^ own)
         gate = asyncio.Semaphore(self.config.join_fill_parallel)
