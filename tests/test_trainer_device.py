@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from coordinator_free_dht.identity import Identity
-from tests.training_helpers import joined_trainer
+from tests.training_helpers import Epochs, joined_trainer, reached
 from volunteer.cli import app
 from volunteer.client.status import RoleReport
 from volunteer.client.swarm import Swarm
@@ -116,15 +115,7 @@ async def test_a_held_peer_joins_later_and_both_stay_identical_and_learn(second:
     signed = _signed_run(owner)
     gates = [WorkGate(), WorkGate()]
     trainers: list[Trainer] = []
-    changed = asyncio.Event()
-
-    def reached(trainer: Trainer) -> int:
-        return trainer.epochs[-1].epoch if trainer.epochs else -1
-
-    async def until(predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            changed.clear()
-            await changed.wait()
+    events = Epochs()
 
     async with contextlib.AsyncExitStack() as stack, asyncio.timeout(100), asyncio.TaskGroup() as tg:
         host = await stack.enter_async_context(Swarm(owner))
@@ -138,7 +129,7 @@ async def test_a_held_peer_joins_later_and_both_stay_identical_and_learn(second:
                 index,
                 tmp_path / f"cache{index}",
                 TrainerConfig(device=device, precision="fp16"),
-                lambda _report: changed.set(),
+                events.on_epoch,
             )
             await trainer.prepare()
             assert trainer.device.type == device
@@ -155,11 +146,11 @@ async def test_a_held_peer_joins_later_and_both_stay_identical_and_learn(second:
             trainers.append(trainer)
             tasks.append(tg.create_task(trainer.run(gate, RoleReport())))
         try:
-            await until(lambda: reached(trainers[0]) >= 2)
+            await events.until(lambda: reached(trainers[0]) >= 2, 100, "the first peer to reach epoch 2")
             assert len(trainers[1].epochs) <= 1, "the held peer trained"
             gates[1].set_use_gpu(True)
             gates[1].open()
-            await until(lambda: min(reached(t) for t in trainers) >= 6)
+            await events.until(lambda: min(reached(t) for t in trainers) >= 6, 100, "both peers to reach epoch 6")
         finally:
             for task in tasks:
                 task.cancel()

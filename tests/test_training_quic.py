@@ -23,7 +23,7 @@ from typing import BinaryIO
 import pytest
 
 from coordinator_free_dht.identity import Identity
-from tests.training_helpers import joined_trainer
+from tests.training_helpers import Epochs, joined_trainer, reached
 from volunteer.client.status import RoleReport
 from volunteer.client.swarm import Swarm
 from volunteer.client.trainer import Trainer, TrainerConfig
@@ -49,29 +49,6 @@ def signed_run(owner: Identity, target: int) -> SignedManifest:
         ),
     )
     return SignedManifest.sign(manifest, owner)
-
-
-def reached(r: Running) -> int:
-    return max((e.epoch for e in r.trainer.epochs), default=-1)
-
-
-class Epochs:
-    """Wakes waiters whenever any trainer reports an epoch."""
-
-    def __init__(self) -> None:
-        self.changed = asyncio.Event()
-
-    def on_epoch(self, _report: object) -> None:
-        self.changed.set()
-
-    async def until(self, predicate: Callable[[], bool], limit_s: float, what: str) -> None:
-        try:
-            async with asyncio.timeout(limit_s):
-                while not predicate():
-                    self.changed.clear()
-                    await self.changed.wait()
-        except TimeoutError:
-            pytest.fail(f"timed out waiting for {what}")
 
 
 Start = Callable[[int], Awaitable[Running]]
@@ -129,14 +106,16 @@ def assert_in_sync(peers: list[Running]) -> int:
 async def test_four_peers_in_sync_loss_falls_late_joiner_matches(tmp_path: Path) -> None:
     async with run_swarm(tmp_path, target=512) as (_host, _signed, start, events):
         peers = [await start(i + 1) for i in range(3)]
-        await events.until(lambda: all(reached(r) >= 2 for r in peers), 60, "3 peers to reach epoch 2")
+        await events.until(lambda: all(reached(r.trainer) >= 2 for r in peers), 60, "3 peers to reach epoch 2")
         late = await start(9)
-        await events.until(lambda: reached(late) >= 0, 30, "the late joiner's first epoch")
+        await events.until(lambda: reached(late.trainer) >= 0, 30, "the late joiner's first epoch")
         first = late.trainer.epochs[0]
         assert first.epoch >= 2, "the late joiner did not download the swarm's state"
         everyone = [*peers, late]
         goal = first.epoch + 3
-        await events.until(lambda: all(reached(r) >= goal for r in everyone), 60, f"4 peers to reach epoch {goal}")
+        await events.until(
+            lambda: all(reached(r.trainer) >= goal for r in everyone), 60, f"4 peers to reach epoch {goal}"
+        )
         # Peers that started before the others trained alone for a while (epochs nobody else saw): count only
         # the epochs all four went through together, from the late joiner's first one to the goal.
         assert assert_in_sync(everyone) >= goal - first.epoch + 1
@@ -197,12 +176,14 @@ async def test_killed_peer_does_not_stop_the_others(tmp_path: Path) -> None:
             await events.until(lambda: len(epochs) >= 1, 150, "the join process to download the state")
             joined_at = epochs[0]
             await events.until(
-                lambda: min(reached(r) for r in peers) >= joined_at + 1, 60, "an epoch with the join process in"
+                lambda: min(reached(r.trainer) for r in peers) >= joined_at + 1, 60, "an epoch with the join process in"
             )
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
-            at_kill = min(reached(r) for r in peers)
-            await events.until(lambda: all(reached(r) >= at_kill + 3 for r in peers), 90, "the epoch to keep advancing")
+            at_kill = min(reached(r.trainer) for r in peers)
+            await events.until(
+                lambda: all(reached(r.trainer) >= at_kill + 3 for r in peers), 90, "the epoch to keep advancing"
+            )
         finally:
             if proc.returncode is None:
                 proc.kill()
@@ -211,6 +192,6 @@ async def test_killed_peer_does_not_stop_the_others(tmp_path: Path) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
         # After the round that lost the killed peer, the survivors are back in sync.
-        last = min(reached(r) for r in peers)
+        last = min(reached(r.trainer) for r in peers)
         hashes = {e.param_hash for r in peers for e in r.trainer.epochs if e.epoch == last}
         assert len(hashes) == 1

@@ -1,10 +1,14 @@
-"""Test helper: a trainer peer that joins a published run through its host (real QUIC on 127.0.0.1)."""
+"""Test helpers: a trainer peer that joins a published run through its host (real QUIC on 127.0.0.1), and
+waiting on the epochs trainers report."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from coordinator_free_dht.identity import Identity
 from volunteer.client.swarm import Swarm
@@ -30,3 +34,28 @@ async def joined_trainer(
     trainer = Trainer(swarm, found.manifest, cache_dir=cache_dir, config=config, on_epoch=on_epoch)
     stack.push_async_callback(trainer.aclose)
     return trainer
+
+
+def reached(trainer: Trainer) -> int:
+    """The last epoch ``trainer`` reported (-1 before its first)."""
+    return trainer.epochs[-1].epoch if trainer.epochs else -1
+
+
+class Epochs:
+    """Wakes waiters whenever any trainer reports an epoch (pass :meth:`on_epoch` as the trainers' callback)."""
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+
+    def on_epoch(self, _report: object) -> None:
+        self.changed.set()
+
+    async def until(self, predicate: Callable[[], bool], limit_s: float, what: str) -> None:
+        """Wait until ``predicate()`` holds, checked after each report; fail the test after ``limit_s``."""
+        try:
+            async with asyncio.timeout(limit_s):
+                while not predicate():
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            pytest.fail(f"timed out waiting for {what}")
