@@ -3,13 +3,14 @@ file server on 127.0.0.1 for tests of data shards."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+
+from tests.http_helpers import serving
 
 
 @pytest.fixture(autouse=True)
@@ -30,13 +31,5 @@ def file_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """``(base URL, directory)``: an HTTP server on 127.0.0.1 (port 0) serving the directory's files."""
     root = tmp_path / "www"
     root.mkdir()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(root)))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", root
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=10)
+    with serving(partial(_Quiet, directory=str(root))) as url:
+        yield url, root

@@ -7,7 +7,7 @@ import random
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.http_helpers import serving
 from volunteer.errors import DataError
 from volunteer.paths import Paths
 from volunteer.run.data import (
@@ -103,16 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
 def server() -> Iterator[tuple[str, Files]]:
     files = Files()
     handler = type("Handler", (_Handler,), {"files": files})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", files
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=10)
+    with serving(handler) as url:
+        yield url, files
 
 
 def _classification_arrays(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
