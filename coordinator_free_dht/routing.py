@@ -3,10 +3,10 @@
 Buckets cover contiguous, power-of-two aligned ranges of the id space. A full bucket whose range holds our
 own id splits in two (section 2.4), and so does one at a depth that is not a multiple of
 :attr:`RoutingConfig.depth_modulo` (section 4.2's b = 2 by default); any other full bucket keeps its old
-contacts, because long-lived contacts are the most likely to stay up (section 2.2). A newcomer to a full bucket goes to that bucket's
-replacement cache (section 4.1) and the table asks its driver to ping the least-recently-seen contact: if
-that ping fails (:meth:`RoutingTable.on_failed`) the stale contact is evicted and the freshest replacement
-takes its place; if it answers, it simply moves to the tail.
+contacts, because long-lived contacts are the most likely to stay up (section 2.2). A newcomer to a full
+bucket goes to that bucket's replacement cache (section 4.1) and the table asks its driver to ping the
+least-recently-seen contact: if that ping fails (:meth:`RoutingTable.on_failed`) the stale contact is evicted
+and the freshest replacement takes its place; if it answers, it simply moves to the tail.
 
 The table does no I/O and reads no clock: every method that depends on time takes ``now``. Contacts are
 (id, address) pairs; the address is opaque to the table. Client-mode peers (address ``None``) are never
@@ -177,16 +177,17 @@ class RoutingTable:
         if node_id == self.node_id:
             return False
         bucket = self.bucket_for(node_id)
-        if node_id in bucket.contacts:
+        k = self.config.k
+        if node_id in bucket.contacts or len(bucket.contacts) < k:
             return True
         lower, upper = bucket.lower, bucket.upper
         held = [*bucket.contacts, *bucket.replacements]  # a split promotes replacements into a half with room
-        while sum(1 for i in held if lower <= i < upper) >= self.config.k:
-            if not self._range_can_split(lower, upper):
-                return False
+        while self._range_can_split(lower, upper):
             middle = (lower + upper) // 2
             lower, upper = (lower, middle) if node_id < middle else (middle, upper)
-        return True
+            if sum(1 for i in held if lower <= i < upper) < k:
+                return True
+        return False
 
     def take_ping_requests(self) -> list[tuple[int, Address]]:
         """Contacts the driver should ping before they may be evicted (drained on each call)."""

@@ -153,3 +153,16 @@ def test_has_room_says_whether_a_contact_would_be_added() -> None:
     assert table.add_or_update(far + 3, "c", now=0.0) is AddOutcome.CACHED
     assert table.has_room(5)  # our own range splits
     assert table.add_or_update(5, "e", now=0.0) is AddOutcome.ADDED
+
+
+def test_has_room_agrees_with_add_or_update() -> None:
+    import copy
+
+    rng = random.Random(11)
+    for depth_modulo in (None, 2):
+        table, _ = _filled_table(rng, 600, k=4, depth_modulo=depth_modulo)
+        for _ in range(300):
+            node_id = rng.getrandbits(ID_BITS) if rng.random() < 0.7 else table.node_id ^ rng.getrandbits(12)
+            trial = copy.deepcopy(table)
+            added = trial.add_or_update(node_id, "x", now=1e6) in (AddOutcome.ADDED, AddOutcome.UPDATED)
+            assert table.has_room(node_id) == added
