@@ -547,11 +547,12 @@ class DHTNode:
         max_keys = protocol.config.max_keys_per_request
         tasks: list[asyncio.Task[None]] = []
         outstanding = 0  # requests whose reply (or failure) is not processed yet
+        loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
             try:
                 while True:
                     now = self.clock.time()
-                    soft_timeout = self._rtt.timeout(protocol.config.lookup.soft_timeout, self.config.rpc_timeout)
+                    soft_timeout = self._soft_timeout()
                     batches: dict[int, tuple[Address, list[int]]] = {}
                     for index, lookup in enumerate(lookups):
                         lookup.soft_timeout = soft_timeout
@@ -572,7 +573,6 @@ class DHTNode:
                     wait = max(0.0, min(timers) - now) if timers else None
                     if wait is None and outstanding == 0:
                         break  # nothing in flight and nothing scheduled: the walks cannot progress
-                    loop = asyncio.get_running_loop()
                     wake_at = None if wait is None else loop.time() + wait
                     try:
                         async with asyncio.timeout(wait):
@@ -598,6 +598,10 @@ class DHTNode:
             for lookup in lookups:
                 learned.update(lookup.unqueried())
         return [lookup.result() for lookup in lookups]
+
+    def _soft_timeout(self) -> float:
+        """The soft timeout of this node's lookups now: measured round trips, the configured floor, backoff."""
+        return self._rtt.timeout(self.protocol.config.lookup.soft_timeout, self.config.rpc_timeout)
 
     def _new_lookup(self, target: int, now: float, want_value: bool, latest: bool, k: int | None) -> Lookup:
         protocol = self.protocol
@@ -689,8 +693,8 @@ class DHTNode:
                 ):
                     # A contact heard of from others may have left: its ping waits about two of our round
                     # trips (at least 1 s), not the whole RPC deadline, so dead ones hold up the join little.
-                    soft = self._rtt.timeout(self.protocol.config.lookup.soft_timeout, self.config.rpc_timeout)
-                    await self._ping(node_id, address, min(self.config.rpc_timeout, max(1.0, 2 * soft)))
+                    deadline = min(self.config.rpc_timeout, max(1.0, 2 * self._soft_timeout()))
+                    await self._ping(node_id, address, deadline)
 
         async with asyncio.TaskGroup() as tg:
             for node_id, address in pending:
