@@ -676,7 +676,7 @@ class DHTNode:
 
     async def _fill(self, learned: dict[int, Address]) -> None:
         """Ping the ``learned`` contacts our table has room for (see :attr:`NodeConfig.join_fill`)."""
-        table = self.protocol.table
+        protocol = self.protocol
         # Nearest first: the near buckets hold the nodes we share replicas with; far buckets take whoever
         # answers while they have room.
         own = self.peer_id.to_int()
@@ -686,11 +686,7 @@ class DHTNode:
         async def fill(node_id: int, address: Address) -> None:
             async with gate:
                 # Checked when the ping is due: the pings before it may have filled the bucket.
-                if (
-                    node_id not in table
-                    and table.has_room(node_id)
-                    and not table.is_blacklisted(node_id, self.clock.time())
-                ):
+                if protocol.worth_meeting(node_id, self.clock.time()):
                     # A contact heard of from others may have left: its ping waits about two of our round
                     # trips (at least 1 s), not the whole RPC deadline, so dead ones hold up the join little.
                     deadline = min(self.config.rpc_timeout, max(1.0, 2 * self._soft_timeout()))

@@ -609,6 +609,12 @@ class DHTProtocol:
         local = any(node_id == self.node_id for node_id, _ in chosen)
         return [c for c in chosen if c[0] != self.node_id], local
 
+    def worth_meeting(self, node_id: int, now: float) -> bool:
+        """True for a contact heard of from others that our table would take if it answered a ping: not in the
+        table yet, not blacklisted, and its bucket has room (a join's fill pings these)."""
+        table = self.table
+        return node_id not in table and not table.is_blacklisted(node_id, now) and table.has_room(node_id)
+
     def refresh_targets(self, now: float) -> list[int]:
         """Random ids in buckets with no lookup for ``refresh_interval`` (section 2.3); look each one up."""
         targets = []

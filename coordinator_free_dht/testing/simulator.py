@@ -621,10 +621,9 @@ class Simulator:
         else:
             op.finished = True
             if self.config.join_fill:
-                table = core.table
                 own = self.ids[op.slot]
                 for node_id in sorted(op.learned, key=lambda i: i ^ own):
-                    if node_id not in table and table.has_room(node_id) and not table.is_blacklisted(node_id, now):
+                    if core.worth_meeting(node_id, now):
                         self._send(op.slot, node_id, _PING, core.make_ping(now), None)
 
     def _release(self, op: _Op) -> None:
