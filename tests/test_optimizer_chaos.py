@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
@@ -116,22 +117,36 @@ def chaos_config() -> CollaborativeConfig:
     return dataclasses.replace(config(target=256), allreduce_timeout=4.0, state_sync_timeout=6.0)
 
 
+async def _train_while(
+    background: Coroutine[Any, Any, None],
+    network: MemoryNetwork,
+    peers: list[Peer],
+    epochs: int,
+    record: Record,
+    stalls: dict[int, float],
+    rng: random.Random,
+) -> None:
+    """Train every peer to ``epochs`` while ``background`` (the faults) runs; then stop it and heal the network."""
+    faults = asyncio.create_task(background)
+    try:
+        await asyncio.gather(
+            *(_train(p, i, epochs, record, stalls, random.Random(rng.random())) for i, p in enumerate(peers))
+        )
+    finally:
+        faults.cancel()
+        await asyncio.gather(faults, return_exceptions=True)
+        network.heal()
+
+
 async def run_chaos(seed: int, epochs: int) -> Record:
     record = Record()
     rng = random.Random(seed)
     stalls: dict[int, float] = {}
     async with swarm(4, chaos_config(), seed=seed) as (network, peers, _add):
         async with asyncio.timeout(3000):
-            chaos = asyncio.create_task(_chaos(network, peers, random.Random(rng.random()), stalls))
-            try:
-                await asyncio.gather(
-                    *(_train(p, i, epochs, record, stalls, random.Random(rng.random())) for i, p in enumerate(peers))
-                )
-            finally:
-                chaos.cancel()
-                await asyncio.gather(chaos, return_exceptions=True)
-                network.heal()
-                _link_all(network, [p.rpc.peer_id for p in peers], network.default_link)
+            chaos = _chaos(network, peers, random.Random(rng.random()), stalls)
+            await _train_while(chaos, network, peers, epochs, record, stalls, rng)
+            _link_all(network, [p.rpc.peer_id for p in peers], network.default_link)
             # The weather clears: everyone ends in sync.
             final = max(p.opt.epoch for p in peers) + 2
             await asyncio.gather(
@@ -179,15 +194,7 @@ async def run_lone_failure() -> Record:
             _link_all(network, rest, network.default_link)
 
         async with asyncio.timeout(3000):
-            director = asyncio.create_task(direct())
-            try:
-                await asyncio.gather(
-                    *(_train(p, i, 6, record, {}, random.Random(rng.random())) for i, p in enumerate(peers))
-                )
-            finally:
-                director.cancel()
-                await asyncio.gather(director, return_exceptions=True)
-                network.heal()
+            await _train_while(direct(), network, peers, 6, record, {}, rng)
     return record
 
 
