@@ -645,7 +645,14 @@ async def test_handshake_state_is_dropped_and_late_handshake_packets_are_ignored
     # the connection keeps carrying streams.
     from aioquic import tls
 
-    from coordinator_free_dht.net.quic import _FRAME_HANDLERS_ATTR, _NO_CRYPTO_STREAM, _NO_KEYS, _FrameHandlers
+    from coordinator_free_dht.net.quic import (
+        _DISCARDED_SPACE,
+        _FRAME_HANDLERS_ATTR,
+        _NO_CRYPTO_STREAM,
+        _NO_KEYS,
+        _FrameHandlers,
+        _PostHandshakeTLS,
+    )
 
     async with (
         peer() as (server, address),
@@ -668,6 +675,11 @@ async def test_handshake_state_is_dropped_and_late_handshake_packets_are_ignored
             assert all(
                 quic._crypto_streams[epoch] is _NO_CRYPTO_STREAM for epoch in discarded if epoch != tls.Epoch.ZERO_RTT
             )
+            assert quic._spaces[tls.Epoch.INITIAL] is _DISCARDED_SPACE
+            assert quic._spaces[tls.Epoch.HANDSHAKE] is _DISCARDED_SPACE
+            assert quic._loss.spaces == [quic._spaces[tls.Epoch.ONE_RTT]]
+            assert isinstance(quic.tls, _PostHandshakeTLS)
+            assert quic.peer_certificate() is not None  # kept from the dropped TLS context
         assert relay.udp is not None
         for datagram in handshake:
             relay.udp.sendto(datagram, relay.server)
@@ -675,6 +687,23 @@ async def test_handshake_state_is_dropped_and_late_handshake_packets_are_ignored
         assert not conn.is_closed
         assert not inbound.is_closed
         assert await echo_through(conn, b"second") == b"second"
+
+
+def test_post_handshake_tls_skips_session_tickets_and_refuses_anything_else() -> None:
+    from aioquic import tls
+
+    from coordinator_free_dht.net.quic import _PostHandshakeTLS
+
+    context = _PostHandshakeTLS(tls.State.CLIENT_POST_HANDSHAKE)
+    ticket = bytes([tls.HandshakeType.NEW_SESSION_TICKET]) + (300).to_bytes(3, "big") + bytes(300)
+    context.handle_message(ticket[:100], {})  # a ticket split over two CRYPTO frames
+    context.handle_message(ticket[100:] + ticket, {})
+    assert context._pending == b""
+    with pytest.raises(tls.AlertUnexpectedMessage, match="type 24"):
+        context.handle_message(bytes([24, 0, 0, 1, 1]), {})  # KeyUpdate: forbidden in QUIC
+    huge = bytes([tls.HandshakeType.NEW_SESSION_TICKET]) + (1 << 20).to_bytes(3, "big")
+    with pytest.raises(tls.AlertUnexpectedMessage, match="too long"):
+        context.handle_message(huge + bytes(70_000), {})
 
 
 def test_ip_literals_skip_name_resolution() -> None:

@@ -32,6 +32,9 @@ def test_refill_and_debt_math() -> None:
     assert bucket.try_consume(5000)
     assert bucket.delay_for(1) == pytest.approx(4.501)
     assert bucket.consumed_bytes == 5600
+    bucket.charge(1000)  # bytes that already went out: deeper in debt, counted
+    assert bucket.delay_for(1) == pytest.approx(5.501)
+    assert bucket.consumed_bytes == 6600
 
 
 def test_unlimited_and_closed() -> None:
@@ -55,6 +58,8 @@ def test_invalid_arguments() -> None:
         bucket.set_rate(float("nan"))
     with pytest.raises(ValueError, match="negative"):
         bucket.try_consume(-1)
+    with pytest.raises(ValueError, match="negative"):
+        bucket.charge(-1)
 
 
 async def test_closed_bucket_waits_for_set_rate_in_fifo_order() -> None:

@@ -20,7 +20,8 @@ from coordinator_free_dht.errors import (
     PeerMismatchError,
 )
 from coordinator_free_dht.identity import Identity, PeerID
-from coordinator_free_dht.net.rpc import RPC, CallContext, PeerInfo, ServerCall
+from coordinator_free_dht.net.ratelimit import TokenBucket
+from coordinator_free_dht.net.rpc import RPC, Bandwidth, CallContext, PeerInfo, ServerCall
 from coordinator_free_dht.net.transport import Address
 from tests.rpc_helpers import Swarm, swarm
 
@@ -63,6 +64,35 @@ async def test_two_peers_unary_and_streaming_both_ways(net: Swarm) -> None:
             await call.send(value)
         await call.done_sending()
         assert [x async for x in call] == [1, 3, 6, 10, 15]
+
+
+def task_name(ctx: CallContext, request: Any) -> Any:
+    task = asyncio.current_task()
+    return {"request": request, "task": task.get_name() if task is not None else None}
+
+
+async def test_whole_inline_requests_are_answered_in_the_receive_path(net: Swarm) -> None:
+    server = net.make()
+    server.register_unary_inline("where", task_name)
+    info = await net.start(server)
+    client, _ = await net.peer()
+    # Request and EOF in one write: answered where the datagram is read, with no stream task.
+    for i in range(3):
+        assert await client.call_unary(info, "where", i, timeout=10, eager_eof=True) == {"request": i, "task": None}
+    # The EOF after the reply: the stream's first delivery is not the whole call, so its task serves it.
+    reply = await client.call_unary(info, "where", "x", timeout=10)
+    assert reply["request"] == "x"
+    assert reply["task"] is not None
+    # With byte budgets the receive path charges both; one over budget waits in the stream task instead.
+    up, down = TokenBucket(None, 1 << 20), TokenBucket(1e6, 1 << 20)
+    server.bandwidth = Bandwidth(upload=up, download=down)
+    assert await client.call_unary(info, "where", 1, timeout=10, eager_eof=True) == {"request": 1, "task": None}
+    assert up.consumed_bytes > 0
+    assert down.consumed_bytes > 0
+    down.charge(2 << 20)  # 1 MiB in debt: the next request may not pass for ~1 s
+    reply = await client.call_unary(info, "where", 2, timeout=10, eager_eof=True)
+    assert reply["request"] == 2
+    assert reply["task"] is not None
 
 
 async def test_dialing_with_the_wrong_peer_id_fails_clearly(net: Swarm) -> None:

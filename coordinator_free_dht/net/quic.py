@@ -23,6 +23,7 @@ relies on are confined to :class:`_DrivenQuic` and :func:`_quic_internals_ok` (c
 an incompatible aioquic fails loudly rather than silently unauthenticated):
 
 - ``tls.Context._request_client_certificate`` (set on the server) and ``tls.Context._peer_certificate``;
+  ``QuicConnection.tls`` itself is replaced once the handshake is confirmed (:class:`_PostHandshakeTLS`);
 - ``QuicConnection._write_stream_limits`` (overridden: a stream's receive window is ``consumed + window``,
   so a slow reader slows the writer), ``_streams`` (a stream's unsent bytes, for write backpressure;
   its sender's pending data, reset and stop flags, to know whether a packet build can send anything) and
@@ -105,7 +106,14 @@ from coordinator_free_dht.errors import (
 )
 from coordinator_free_dht.identity import Identity, PeerID
 from coordinator_free_dht.net import certs
-from coordinator_free_dht.net.transport import Address, Connection, Stream, StreamHandler, Transport
+from coordinator_free_dht.net.transport import (
+    Address,
+    Connection,
+    Stream,
+    StreamHandler,
+    Transport,
+    WholeRequestHandler,
+)
 
 __all__ = ["QuicConfig", "QuicConnectionHandle", "QuicStream", "QuicTransport"]
 
@@ -307,6 +315,56 @@ def _no_crypto_stream() -> _AioStream:
 _NO_CRYPTO_STREAM = _no_crypto_stream()  # shared by every connection's discarded epochs
 
 
+def _discarded_space() -> QuicPacketSpace:
+    space = QuicPacketSpace()
+    space.discarded = True
+    return space
+
+
+_DISCARDED_SPACE = _discarded_space()  # likewise: the packet space of a discarded epoch (holds nothing)
+
+_POST_HANDSHAKE = (tls.State.CLIENT_POST_HANDSHAKE, tls.State.SERVER_POST_HANDSHAKE)
+_MAX_POST_HANDSHAKE_TLS = 65536  # bytes of post-handshake TLS messages buffered while incomplete
+
+
+class _PostHandshakeTLS:
+    """What stays of a connection's TLS engine once the handshake is confirmed.
+
+    aioquic keeps its ``tls.Context`` for the connection's whole life: the key schedule, both certificate
+    chains, the handshake's extension lists and callbacks (bound methods, so a reference cycle through the
+    connection), ~60 objects that the garbage collector walks on every full collection, per connection.
+    After the handshake QUIC carries only one kind of TLS message (RFC 9001, section 4.1.3; KeyUpdate is
+    forbidden, section 6): a server's NewSessionTicket, used only for resumption, which we never do. So
+    the context is replaced by this: the final state (read by aioquic for late handshake packets),
+    the handshake's outcome attributes (read when the handshake completes, already past), and a message
+    reader that skips NewSessionTickets and refuses anything else with an ``unexpected_message`` alert
+    (aioquic closes the connection with it)."""
+
+    __slots__ = ("_pending", "state")
+
+    alpn_negotiated: str | None = None
+    early_data_accepted = False
+    session_resumed = False
+
+    def __init__(self, state: tls.State) -> None:
+        self.state = state
+        self._pending = b""
+
+    def handle_message(self, input_data: bytes, output_buf: dict[tls.Epoch, Buffer]) -> None:
+        """Consume post-handshake TLS messages: NewSessionTickets are dropped, anything else is refused."""
+        data = self._pending + input_data
+        while len(data) >= 4:
+            length = 4 + int.from_bytes(data[1:4], "big")
+            if data[0] != tls.HandshakeType.NEW_SESSION_TICKET:
+                raise tls.AlertUnexpectedMessage(f"unexpected post-handshake TLS message type {data[0]}")
+            if len(data) < length:
+                break
+            data = data[length:]
+        if len(data) > _MAX_POST_HANDSHAKE_TLS:
+            raise tls.AlertUnexpectedMessage("post-handshake TLS message too long")
+        self._pending = data
+
+
 class _DrivenQuic(QuicConnection):
     """aioquic's connection with mutual TLS and receive windows that follow what the reader consumed."""
 
@@ -322,6 +380,7 @@ class _DrivenQuic(QuicConnection):
         self._full_datagram_size = self._max_datagram_size
         self._max_datagram_size = min(self._max_datagram_size, _HANDSHAKE_DATAGRAM_SIZE)
         self._slimmed = False  # handshake-only state dropped (see _drop_handshake_state)
+        self._peer_cert: x509.Certificate | None = None  # kept from the TLS context when it is dropped
         self.consumed: dict[int, int] = {}
         self._window = quic_config.stream_receive_window
         # ``sent`` too: it is what the transport parameters announce, and MAX_STREAMS updates compare to it.
@@ -365,7 +424,10 @@ class _DrivenQuic(QuicConnection):
         shared pair without keys (decrypting a late packet of those epochs raises ``KeyUnavailableError``,
         which aioquic expects for discarded keys; setting keys on it raises). Likewise the CRYPTO streams
         of the Initial and Handshake epochs (~20 objects): nothing is received in them (their packets no
-        longer decrypt) nor sent (no keys), so they become one shared stream that takes no data.
+        longer decrypt) nor sent (no keys), so they become one shared stream that takes no data; and their
+        packet spaces (~18 objects, emptied by aioquic when discarded): one shared discarded space, which
+        aioquic reads only after a packet of its epoch decrypted (never) and never discards twice. Loss
+        recovery keeps only the spaces still in use. The TLS context goes too (:class:`_PostHandshakeTLS`).
         """
         buffers = getattr(self, "_crypto_buffers", None)
         if isinstance(buffers, dict):
@@ -377,19 +439,28 @@ class _DrivenQuic(QuicConnection):
         for epoch in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE):
             if self._spaces[epoch].discarded and not cryptos[epoch].send.is_valid():
                 cryptos[epoch] = _NO_KEYS
+                self._spaces[epoch] = _DISCARDED_SPACE
                 empty_output = isinstance(buffers, dict) and epoch in buffers and not buffers[epoch].tell()
                 if empty_output and streams[epoch].sender.buffer_is_empty:
                     streams[epoch] = _NO_CRYPTO_STREAM
+        # Loss recovery walks its spaces on every timer computation; discarded ones hold nothing.
+        self._loss.spaces = [space for space in self._loss.spaces if not space.discarded]
         zero_rtt = cryptos.get(tls.Epoch.ZERO_RTT)
         if zero_rtt is not None and not zero_rtt.send.is_valid() and not zero_rtt.recv.is_valid():
             cryptos[tls.Epoch.ZERO_RTT] = _NO_KEYS
         if self._spaces[tls.Epoch.INITIAL].discarded:
             # Read for a (late) Initial packet: decrypting it now fails as with aioquic's torn-down pairs.
             self._cryptos_initial = dict.fromkeys(self._cryptos_initial, _NO_KEYS)
+        if isinstance(self.tls, tls.Context) and self.tls.state in _POST_HANDSHAKE:
+            self._peer_cert = self.peer_certificate()
+            self.tls = _PostHandshakeTLS(self.tls.state)  # type: ignore[assignment]
 
     def peer_certificate(self) -> x509.Certificate | None:
         """The certificate the peer presented in the handshake, if any."""
-        cert = getattr(self.tls, "_peer_certificate", None)
+        context: object = self.tls  # a _PostHandshakeTLS once the handshake state is dropped
+        if not isinstance(context, tls.Context):
+            return self._peer_cert
+        cert = getattr(context, "_peer_certificate", None)
         return cert if isinstance(cert, x509.Certificate) else None
 
     def unsent(self, stream_id: int, written: int) -> int:
@@ -567,6 +638,15 @@ class QuicStream(Stream):
                 self._conn._blocked_writers.discard(self)
         if self._error is not None:
             raise self._error
+
+    def _write_final(self, data: bytes) -> None:
+        """Send ``data`` and our FIN now, without waiting (a response whose size the RPC bounds)."""
+        self._write_closed = True
+        self._written += len(data)
+        self._conn._quic.send_stream_data(self.stream_id, data, end_stream=True)
+        self._conn._schedule_send()
+        self._discard = True
+        self._conn._maybe_finished(self)
 
     async def write_eof(self) -> None:
         """Half-close our direction (FIN). Idempotent; raises if the stream already failed."""
@@ -911,7 +991,10 @@ class QuicConnectionHandle(Connection):
                 stream.reset()
                 self._maybe_finished(stream)
                 return
-            stream._on_data(event.data[len(_STREAM_OPEN) :], event.end_stream)
+            data = event.data[len(_STREAM_OPEN) :]
+            if event.end_stream and self._transport._serve_whole(stream, data):
+                return
+            stream._on_data(data, event.end_stream)
             self._transport._spawn_handler(stream)
         else:
             stream._on_data(event.data, event.end_stream)
@@ -1095,6 +1178,7 @@ class QuicTransport(Transport):
             raise TransportError("the installed aioquic lacks internals this transport relies on; see net/quic.py")
         self._identity = identity
         self._handler = handler
+        self._whole_handler: WholeRequestHandler | None = None
         self._config = config or QuicConfig()
         self._certificate = certs.make_certificate(identity)
         self._configurations: dict[tuple[bool, int], QuicConfiguration] = {}
@@ -1470,6 +1554,27 @@ class QuicTransport(Transport):
         self._dirty.pop(conn, None)
         if conn._remote_peer is not None and self._peers.get(conn._remote_peer) is conn:
             del self._peers[conn._remote_peer]
+
+    def set_whole_request_handler(self, handler: WholeRequestHandler | None) -> None:
+        """Offer requests that arrive whole in a stream's first delivery to ``handler`` first."""
+        self._whole_handler = handler
+
+    def _serve_whole(self, stream: QuicStream, data: bytes) -> bool:
+        """Serve a stream that arrived whole through the fast path; False if there is none or it declined."""
+        handler = self._whole_handler
+        if handler is None or self._closing:
+            return False
+        try:
+            response = handler(stream, data)
+        except Exception:
+            logger.exception("whole-request handler failed on %s", stream)
+            return False
+        if response is None:
+            return False
+        stream._on_data(b"", True)  # the request, read: its bytes count as consumed (window granted)
+        stream._conn._on_consumed(stream.stream_id, len(data))
+        stream._write_final(response)
+        return True
 
     def _spawn_handler(self, stream: QuicStream) -> None:
         if self._tg is None or self._closing:

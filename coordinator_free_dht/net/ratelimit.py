@@ -88,6 +88,14 @@ class TokenBucket:
         self._take(n)
         return True
 
+    def charge(self, n: int) -> None:
+        """Account for ``n`` bytes that passed without waiting (sent from a path that cannot wait): the bucket
+        may go into debt, which the traffic after them waits out."""
+        if n < 0:
+            raise ValueError("cannot charge a negative amount")
+        self._refill()
+        self._take(n)
+
     def _take(self, n: int) -> None:
         if self._rate is not None:
             self._tokens -= n

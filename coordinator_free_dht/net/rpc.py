@@ -634,6 +634,7 @@ class RPC:
         if transport.local_peer != self.peer_id:
             raise ValueError("the transport uses a different identity than the RPC")
         self._transports[transport.kind] = transport
+        transport.set_whole_request_handler(self._serve_whole)
 
     async def listen(self, host: str = "127.0.0.1", port: int = 0) -> PeerInfo:
         """Listen on every transport; returns our :class:`PeerInfo` with all bound addresses."""
@@ -677,8 +678,11 @@ class RPC:
 
         The caller sees exactly what :meth:`register_unary` gives it. The difference is the cost: a request
         that arrives whole in the stream's first read (the usual case: a unary request leaves in one write)
-        is answered right in the stream's own task, with no per-call task group, reader or handler task.
-        For quick CPU-only handlers such as a DHT node's (a call costs ~1 ms of CPU; this saves a good part).
+        is answered right in the stream's own task, with no per-call task group, reader or handler task;
+        one that arrives whole *with the caller's EOF* (``call_unary(..., eager_eof=True)``) on a transport
+        with a receive-path fast path (QUIC) is answered where its datagram is read, with no task at all
+        (:meth:`_serve_whole`). For quick CPU-only handlers such as a DHT node's (a call costs ~1 ms of CPU;
+        this saves a good part).
         """
 
         async def adapter(ctx: CallContext, request: Any) -> Any:
@@ -982,10 +986,16 @@ class RPC:
         self, chan: _Channel, context: CallContext, handler: InlineUnaryHandler, request: Frame
     ) -> None:
         """A whole unary request already read: answer it here (see :meth:`register_unary_inline`)."""
-        version = chan.version
+        final = self._inline_response(context, handler, request)
+        await chan.finish_and_close(final, self.config.close_grace)
+
+    def _inline_response(self, context: CallContext, handler: InlineUnaryHandler, request: Frame) -> bytes:
+        """Run an inline handler on a request frame; the encoded response (or error) frames."""
+        config = self.config
+        version = config.wire_version
         try:
-            response = handler(context, unpack(request.payload, chan.limits))
-            final = encode_frame(FrameKind.MESSAGE, _message_payload(response, chan.config), version)
+            response = handler(context, unpack(request.payload, config.msgpack_limits))
+            final = encode_frame(FrameKind.MESSAGE, _message_payload(response, config), version)
             final += encode_frame(FrameKind.END, b"", version)
         except ProtocolError as exc:
             logger.info("bad frames from %r: %s", context.peer, exc)
@@ -995,7 +1005,53 @@ class RPC:
         except Exception as exc:
             logger.info("handler %s for %r raised %s: %s", context.method, context.peer, type(exc).__name__, exc)
             final = _remote_error_frame(exc, context.method, version)
-        await chan.finish_and_close(final, self.config.close_grace)
+        return final
+
+    def _serve_whole(self, stream: Stream, data: bytes) -> bytes | None:
+        """The transports' :data:`~coordinator_free_dht.net.transport.WholeRequestHandler`: a unary call to an
+        inline method that arrived whole (header, request, END and the caller's EOF) is answered right in
+        the transport's receive path, with no stream task, channel or reads. Anything else, including
+        anything malformed (whose error the stream task reports), is declined."""
+        if not self._inline:
+            return None
+        config = self.config
+        try:
+            decoder = config.decoder()
+            frames = decoder.feed(data)
+            decoder.check_complete()
+            if (
+                len(frames) != 3
+                or frames[0].kind is not FrameKind.HEADER
+                or frames[1].kind is not FrameKind.MESSAGE
+                or frames[2].kind is not FrameKind.END
+            ):
+                return None
+            header = CallHeader.decode(frames[0].payload, config.msgpack_limits)
+        except ProtocolError:
+            return None
+        handler = self._inline.get(header.method)
+        if handler is None:
+            return None
+        upload = download = None
+        if self.bandwidth is not None:
+            upload, download = self.bandwidth.upload, self.bandwidth.download
+            if upload is not None and upload.delay_for(1) is None:
+                return None  # sending is switched off: the stream task waits for it
+            if download is not None and not download.try_consume(len(data)):
+                return None  # over the receive budget: the stream task's read waits for it
+        timeout = config.max_timeout if header.timeout is None else min(header.timeout, config.max_timeout)
+        connection = stream.connection
+        context = CallContext(
+            connection.remote_peer,
+            header.method,
+            asyncio.get_running_loop().time() + timeout,
+            header.metadata,
+            connection.remote_address.kind,
+        )
+        final = self._inline_response(context, handler, frames[1])
+        if upload is not None:
+            upload.charge(len(final))  # the response goes out now; the traffic after it waits if over budget
+        return final
 
     async def _refuse(self, chan: _Channel, code: ErrorCode, error: Exception) -> None:
         info = ErrorInfo(code, type(error).__name__, str(error))

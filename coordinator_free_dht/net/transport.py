@@ -178,11 +178,24 @@ says who opened it. The handler owns the stream: the transport resets it if the 
 closing it or raises."""
 
 
+WholeRequestHandler = Callable[[Stream, bytes], bytes | None]
+"""An optional fast path beside the :data:`StreamHandler`: an inbound stream whose opener sent all it will
+send (data and end of stream) by the time the transport first delivers it is offered here first, synchronously,
+with those bytes. Returning bytes serves it: they are the whole response, which the transport writes with its
+end of stream; no handler task runs. ``None`` declines: the stream goes to the :data:`StreamHandler` as usual,
+its data unread. It must not block (it runs in the transport's receive path)."""
+
+
 class Transport(abc.ABC):
     """Listens for and dials authenticated connections. Use as ``async with``: entering starts the task
     group that owns every connection and handler task; leaving closes everything."""
 
     kind: TransportKind
+
+    def set_whole_request_handler(self, handler: WholeRequestHandler | None) -> None:  # noqa: B027
+        """Offer complete inbound requests to ``handler`` first (see :data:`WholeRequestHandler`).
+
+        Optional: a transport without such a fast path ignores it (every stream then goes to the handler)."""
 
     @property
     @abc.abstractmethod
