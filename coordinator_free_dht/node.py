@@ -257,6 +257,7 @@ class DHTNode:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background = 0
         self._inflight: dict[tuple[int, bool], asyncio.Future[Entry | None]] = {}
+        self._joined: set[asyncio.Future[Entry | None]] = set()  # in-flight gets that others joined
         self._rtt = _RTTEstimator()
         self._registered = False
         self._closing = False
@@ -855,25 +856,41 @@ class DHTNode:
             future = self._inflight.get((key_id, latest))
             if future is not None:
                 self.stats.coalesced_gets += 1
+                self._joined.add(future)
             else:
                 future = loop.create_future()
                 self._inflight[(key_id, latest)] = future
                 mine[key_id] = future
                 mine_raw[key_id] = raw
             waits[key_id] = future
-        if mine and not self._spawn(self._fetch(mine, mine_raw, latest), "dht get", counted=False):
-            raise RuntimeError("the node is not running; use it as `async with node:`")
+        if mine:
+            if self._tg is None or self._closing:
+                for key_id, future in mine.items():
+                    del self._inflight[(key_id, latest)]
+                    future.cancel()
+                raise RuntimeError("the node is not running; use it as `async with node:`")
+            # We were first to ask for these keys: the traversal runs in our task (no task, no shield on
+            # the common path); gets of the same keys meanwhile wait on its futures (see _fetch).
+            await self._fetch(mine, mine_raw, latest, owned=True)
         if waits:
             async with asyncio.timeout(self.config.operation_timeout):
                 for index, key_id in enumerate(key_ids):
                     if key_id in waits:
-                        entries[index] = await asyncio.shield(waits[key_id])
+                        future = waits[key_id]
+                        entries[index] = future.result() if key_id in mine else await asyncio.shield(future)
         return [_decode_entry(entry) if entry is not None else None for entry in entries]
 
     async def _fetch(
-        self, futures: dict[int, asyncio.Future[Entry | None]], raw_keys: dict[int, bytes], latest: bool
+        self,
+        futures: dict[int, asyncio.Future[Entry | None]],
+        raw_keys: dict[int, bytes],
+        latest: bool,
+        owned: bool = False,
     ) -> None:
-        """One traversal for several keys; resolves each key's future (shared by coalesced gets)."""
+        """One traversal for several keys; resolves each key's future (shared by coalesced gets).
+
+        ``owned``: run by the get that created the futures, in its own task. If that get is cancelled,
+        the keys other gets joined meanwhile are fetched again for them in a background task."""
         key_ids = list(futures)
         try:
             async with asyncio.timeout(self.config.operation_timeout):
@@ -896,8 +913,18 @@ class DHTNode:
             for future in futures.values():
                 if not future.done():
                     future.set_exception(exc)
+        except asyncio.CancelledError:
+            joined = {k: f for k, f in futures.items() if f in self._joined and not f.done()}
+            if (
+                owned
+                and joined
+                and self._spawn(self._fetch(joined, {k: raw_keys[k] for k in joined}, latest), "dht get", counted=False)
+            ):
+                futures = {k: f for k, f in futures.items() if k not in joined}  # now the new fetch's
+            raise
         finally:
             for key_id, future in futures.items():
+                self._joined.discard(future)
                 if self._inflight.get((key_id, latest)) is future:
                     del self._inflight[(key_id, latest)]
                 if not future.done():

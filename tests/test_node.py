@@ -213,6 +213,38 @@ async def test_concurrent_gets_are_coalesced() -> None:
 
 
 @virtual_time
+async def test_a_coalesced_get_survives_the_cancelled_get_it_joined() -> None:
+    # The first get of a key runs the traversal in its own task; one that joins it must not fail (nor hang)
+    # when the first is cancelled: the key is fetched again for it.
+    async with swarm(seed=7, latency=0.02) as net:
+        nodes = await net.grow(12)
+        assert await nodes[1].store("popular", "value", net.now() + TTL)
+        reader = next(n for n in nodes if n.protocol.get_local(key_id("popular"), net.now()) is None)
+        before = reader.stats.traversals
+        first = asyncio.create_task(reader.get("popular"))
+        await asyncio.sleep(0.001)  # the first get is out (its request travels 20 ms)
+        joined = asyncio.create_task(reader.get("popular"))
+        await asyncio.sleep(0.001)
+        assert reader.stats.coalesced_gets == 1
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        found = await joined
+        assert found is not None
+        assert found.value == "value"
+        assert reader.stats.traversals - before == 2  # the cancelled one's, and the one run for the joiner
+        # A lone get that is cancelled leaves nothing behind.
+        other = next(n for n in nodes if n is not reader and n.protocol.get_local(key_id("popular"), net.now()) is None)
+        lone = asyncio.create_task(other.get("popular"))
+        await asyncio.sleep(0.001)
+        lone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await lone
+        assert not other._inflight
+        assert not other._joined
+
+
+@virtual_time
 async def test_found_values_are_cached_locally() -> None:
     async with swarm(seed=8) as net:
         nodes = await net.grow(16)
