@@ -54,7 +54,7 @@ from coordinator_free_dht.errors import (
 from coordinator_free_dht.identity import Identity, PeerID
 from coordinator_free_dht.ids import ID_BITS, ID_BYTES, key_id_from_packed, pack_key
 from coordinator_free_dht.lookup import Lookup, LookupResult
-from coordinator_free_dht.net.rpc import RPC, CallContext, PeerInfo, RPCConfig
+from coordinator_free_dht.net.rpc import RPC, CallContext, PeerInfo, PendingCall, RPCConfig
 from coordinator_free_dht.net.transport import Address as NetAddress
 from coordinator_free_dht.net.transport import PeerAddress, TransportKind
 from coordinator_free_dht.protocol import (
@@ -449,10 +449,7 @@ class DHTNode:
     ) -> tuple[object, float]:
         """Send one request (its deadline: ``deadline_s``, else the RPC timeout); returns the reply and our
         wall time when it was sent. Raises DHTError."""
-        try:
-            peer = PeerInfo(PeerID(node_id.to_bytes(ID_BYTES, "big")), (NetAddress.parse(address),))
-        except ValueError as exc:
-            raise DHTProtocolError(f"peer {_short(node_id)} has an unusable address {address!r:.100}") from exc
+        peer = _peer_info(node_id, address)
         sent_at = self.clock.time()
         self.stats.requests_sent += 1
         # eager_eof: our handler is inline (nothing to cancel), so our EOF rides with the request.
@@ -491,7 +488,7 @@ class DHTNode:
         finally:
             self._drain_events()
 
-    async def _find(
+    def _start_find(
         self,
         node_id: int,
         address: Address,
@@ -500,7 +497,10 @@ class DHTNode:
         want_value: bool,
         queue: asyncio.Queue[_Reply],
         piggyback: _Piggyback | None,
-    ) -> None:
+        tg: asyncio.TaskGroup,
+    ) -> PendingCall | asyncio.Task[None] | None:
+        """Send one FIND; its reply (or failure) goes to ``queue``. Over a live connection the call needs no
+        task (:meth:`RPC.start_unary`); else a task runs it (it may dial). Returns what cancels it."""
         protocol = self.protocol
         carried: list[int] = []
         if piggyback is not None:
@@ -513,6 +513,36 @@ class DHTNode:
             self.clock.time(),
             [piggyback.records[j] for j in carried] if piggyback is not None else (),
         )
+        try:
+            peer = _peer_info(node_id, address)
+        except DHTProtocolError as exc:
+            queue.put_nowait((node_id, address, indices, exc, 0.0, carried))
+            return None
+        sent_at = self.clock.time()
+
+        def done(reply: object, error: BaseException | None) -> None:
+            if error is None:
+                self._rtt.sample(self.clock.time() - sent_at)
+                queue.put_nowait((node_id, address, indices, reply, sent_at, carried))
+                return
+            failure = error if isinstance(error, DHTError) else DHTProtocolError(f"{type(error).__name__}: {error}")
+            queue.put_nowait((node_id, address, indices, failure, 0.0, carried))
+
+        pending = self.rpc.start_unary(peer, METHOD, request, timeout=self.config.rpc_timeout, on_done=done)
+        if pending is not None:
+            self.stats.requests_sent += 1
+            return pending
+        return tg.create_task(self._find(node_id, address, indices, request, queue, carried))
+
+    async def _find(
+        self,
+        node_id: int,
+        address: Address,
+        indices: list[int],
+        request: dict[str, Any],
+        queue: asyncio.Queue[_Reply],
+        carried: list[int],
+    ) -> None:
         try:
             reply, sent_at = await self._call(node_id, address, request)
         except DHTError as exc:
@@ -546,7 +576,7 @@ class DHTNode:
         keys: Sequence[bytes | None] = raw_keys if raw_keys is not None else [None] * len(targets)
         queue: asyncio.Queue[_Reply] = asyncio.Queue()
         max_keys = protocol.config.max_keys_per_request
-        tasks: list[asyncio.Task[None]] = []
+        calls: list[PendingCall | asyncio.Task[None]] = []
         outstanding = 0  # requests whose reply (or failure) is not processed yet
         loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
@@ -562,11 +592,9 @@ class DHTNode:
                     for node_id, (address, indices) in batches.items():
                         for start in range(0, len(indices), max_keys):
                             chunk = indices[start : start + max_keys]
-                            tasks.append(
-                                tg.create_task(
-                                    self._find(node_id, address, chunk, targets, want_value, queue, piggyback)
-                                )
-                            )
+                            call = self._start_find(node_id, address, chunk, targets, want_value, queue, piggyback, tg)
+                            if call is not None:
+                                calls.append(call)
                             outstanding += 1
                     if all(lookup.done for lookup in lookups):
                         break
@@ -593,8 +621,8 @@ class DHTNode:
                         self._on_find(queue.get_nowait(), lookups, keys, piggyback)
                         outstanding -= 1
             finally:
-                for task in tasks:
-                    task.cancel()
+                for call in calls:
+                    call.cancel()
         if learned is not None:
             for lookup in lookups:
                 learned.update(lookup.unqueried())
@@ -975,6 +1003,13 @@ class DHTNode:
             except ValueError:
                 continue
         return peers
+
+
+def _peer_info(node_id: int, address: Address) -> PeerInfo:
+    try:
+        return PeerInfo(PeerID(node_id.to_bytes(ID_BYTES, "big")), (NetAddress.parse(address),))
+    except ValueError as exc:
+        raise DHTProtocolError(f"peer {_short(node_id)} has an unusable address {address!r:.100}") from exc
 
 
 def _preferred_address(info: PeerInfo) -> str | None:

@@ -18,10 +18,11 @@ from coordinator_free_dht.errors import (
     ConnectionLostError,
     DeadlineExceededError,
     PeerMismatchError,
+    RemoteError,
 )
 from coordinator_free_dht.identity import Identity, PeerID
 from coordinator_free_dht.net.ratelimit import TokenBucket
-from coordinator_free_dht.net.rpc import RPC, Bandwidth, CallContext, PeerInfo, ServerCall
+from coordinator_free_dht.net.rpc import RPC, Bandwidth, CallContext, PeerInfo, RPCConfig, ServerCall
 from coordinator_free_dht.net.transport import Address
 from tests.rpc_helpers import Swarm, swarm
 
@@ -93,6 +94,116 @@ async def test_whole_inline_requests_are_answered_in_the_receive_path(net: Swarm
     reply = await client.call_unary(info, "where", 2, timeout=10, eager_eof=True)
     assert reply["request"] == 2
     assert reply["task"] is not None
+
+
+class Outcome:
+    """What a start_unary call's on_done was called with (and how often)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, BaseException | None]] = []
+        self.done = asyncio.Event()
+
+    def __call__(self, result: Any, error: BaseException | None) -> None:
+        self.calls.append((result, error))
+        self.done.set()
+
+    async def get(self) -> tuple[Any, BaseException | None]:
+        async with asyncio.timeout(10):
+            await self.done.wait()
+        await asyncio.sleep(0.05)  # a second call would show up here
+        assert len(self.calls) == 1
+        return self.calls[0]
+
+
+async def test_start_unary_answers_without_a_task_over_a_live_connection(net: Swarm) -> None:
+    server = net.make()
+    server.register_unary_inline("where", task_name)
+
+    def fail(ctx: CallContext, request: Any) -> Any:
+        raise ValueError(f"no {request}")
+
+    server.register_unary_inline("fail", fail)
+
+    async def slow(ctx: CallContext, request: Any) -> Any:
+        await asyncio.sleep(5)
+        return request
+
+    server.register_unary("slow", slow)
+    info = await net.start(server)
+    client, _ = await net.peer()
+    # No connection yet: nothing starts (call_unary would dial).
+    assert client.start_unary(info, "where", 0, timeout=5, on_done=Outcome()) is None
+    assert (await client.call_unary(info, "where", 0, timeout=5))["request"] == 0
+    tasks_before = len(asyncio.all_tasks())
+    outcome = Outcome()
+    call = client.start_unary(info, "where", [1, "x"], timeout=5, on_done=outcome)
+    assert call is not None
+    assert len(asyncio.all_tasks()) == tasks_before  # no task on either side
+    assert await outcome.get() == ({"request": [1, "x"], "task": None}, None)
+    # The handler's error, as call_unary raises it.
+    outcome = Outcome()
+    assert client.start_unary(info, "fail", 7, timeout=5, on_done=outcome) is not None
+    result, error = await outcome.get()
+    assert result is None
+    assert isinstance(error, RemoteError)
+    assert "no 7" in str(error)
+    # The deadline: on_done gets DeadlineExceededError; the handler is cancelled by the reset.
+    outcome = Outcome()
+    assert client.start_unary(info, "slow", 1, timeout=0.2, on_done=outcome) is not None
+    result, error = await outcome.get()
+    assert result is None
+    assert isinstance(error, DeadlineExceededError)
+    # Cancelled: on_done is never called.
+    outcome = Outcome()
+    call = client.start_unary(info, "where", 2, timeout=5, on_done=outcome)
+    assert call is not None
+    call.cancel()
+    call.cancel()
+    await asyncio.sleep(0.3)
+    assert outcome.calls == []
+    # Still usable, and a reply over max_message_size is refused.
+    assert (await client.call_unary(info, "where", 3, timeout=5))["request"] == 3
+    server.register_unary_inline("big", lambda ctx, n: b"x" * n)
+    small, _ = await net.peer(RPCConfig(max_message_size=4096))
+    assert await small.call_unary(info, "big", 10, timeout=5) == b"x" * 10
+    outcome = Outcome()
+    assert small.start_unary(info, "big", 100_000, timeout=5, on_done=outcome) is not None
+    result, error = await outcome.get()
+    assert isinstance(error, CallCancelledError)
+    assert "size limit" in str(error)
+
+
+async def test_start_unary_fails_with_the_connection_and_retries_an_idle_close(net: Swarm) -> None:
+    from coordinator_free_dht.net.quic import _IDLE_CLOSE, QuicTransport
+
+    server = net.make()
+    calls: list[Any] = []
+
+    def close(ctx: CallContext, request: Any) -> Any:
+        calls.append(request)
+        transport = server.transports["quic"]
+        assert isinstance(transport, QuicTransport)
+        conn = transport.connection_to(ctx.peer)
+        assert conn is not None
+        if request == "idle" and calls.count("idle") == 1:
+            conn.close_now(_IDLE_CLOSE)  # as if idle just as the request came: sent again, once
+        elif request == "lost":
+            conn.close_now("going away")
+        return request
+
+    server.register_unary_inline("close", close)
+    info = await net.start(server)
+    client, _ = await net.peer()
+    assert await client.call_unary(info, "close", "warm", timeout=5) == "warm"
+    outcome = Outcome()
+    assert client.start_unary(info, "close", "idle", timeout=5, on_done=outcome) is not None
+    assert await outcome.get() == ("idle", None)
+    assert calls.count("idle") == 2
+    outcome = Outcome()
+    assert client.start_unary(info, "close", "lost", timeout=5, on_done=outcome) is not None
+    result, error = await outcome.get()
+    assert result is None
+    assert isinstance(error, ConnectionLostError)
 
 
 async def test_dialing_with_the_wrong_peer_id_fails_clearly(net: Swarm) -> None:

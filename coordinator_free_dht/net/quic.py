@@ -67,6 +67,7 @@ import itertools
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType, TracebackType
 from typing import Any, Literal, Self, cast
@@ -554,6 +555,9 @@ class QuicStream(Stream):
         self._written = 0
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
+        # A request sent with send_request_nowait: where the whole reply goes, and its size bound.
+        self._on_reply: Callable[[bytes | TransportError], None] | None = None
+        self._reply_limit = 0
 
     @property
     def connection(self) -> QuicConnectionHandle:
@@ -645,7 +649,6 @@ class QuicStream(Stream):
         self._written += len(data)
         self._conn._quic.send_stream_data(self.stream_id, data, end_stream=True)
         self._conn._schedule_send()
-        self._discard = True
         self._conn._maybe_finished(self)
 
     async def write_eof(self) -> None:
@@ -661,6 +664,7 @@ class QuicStream(Stream):
 
     def reset(self) -> None:
         """Abort both directions (RESET_STREAM + STOP_SENDING). Idempotent, never raises."""
+        self._on_reply = None
         if self._error is None:
             self._fail(StreamResetError("stream was reset locally"))
         self._send_reset()
@@ -681,6 +685,9 @@ class QuicStream(Stream):
     # --- driven by the connection ---------------------------------------------------------------
 
     def _on_data(self, data: bytes, end_stream: bool) -> None:
+        if self._on_reply is not None:
+            self._on_reply_data(data, end_stream)
+            return
         if self._error is not None or self._discard:
             if data:
                 self._conn._on_consumed(self.stream_id, len(data))
@@ -691,8 +698,36 @@ class QuicStream(Stream):
         self._wake_reader()
         self._conn._maybe_finished(self)
 
+    def _on_reply_data(self, data: bytes, end_stream: bool) -> None:
+        """Collect a send_request_nowait reply; hand it over whole at the peer's end of stream."""
+        if data:
+            self._chunks.append(data)
+            self._reply_limit -= len(data)
+            self._conn._on_consumed(self.stream_id, len(data))
+            if self._reply_limit < 0:
+                callback = self._on_reply
+                self.reset()
+                assert callback is not None
+                callback(StreamResetError("the reply exceeded its size limit; the stream was reset"))
+                return
+        if end_stream:
+            self._eof = True
+            callback, self._on_reply = self._on_reply, None
+            reply = b"".join(self._chunks)
+            self._chunks.clear()
+            self._conn._maybe_finished(self)
+            assert callback is not None
+            callback(reply)
+
     def _fail(self, error: TransportError) -> None:
         if self._error is not None:
+            return
+        callback, self._on_reply = self._on_reply, None
+        if callback is not None:
+            self._error = error
+            self._chunks.clear()
+            self._conn._maybe_finished(self)
+            callback(error)
             return
         self._error = error
         if isinstance(error, StreamResetError) or not self._eof:
@@ -786,6 +821,22 @@ class QuicConnectionHandle(Connection):
 
     async def open_stream(self) -> QuicStream:
         """Open a new bidirectional stream; the peer's handler gets it right away (one marker byte announces it)."""
+        return self._open_stream_now()
+
+    def send_request_nowait(
+        self, data: bytes, on_reply: Callable[[bytes | TransportError], None], max_reply: int
+    ) -> QuicStream | None:
+        """Open a stream, send ``data`` and our FIN now; the whole reply goes to ``on_reply`` (see
+        :meth:`Connection.send_request_nowait`). The marker, the request and the FIN leave in one packet."""
+        if self._closed or self._remote_peer is None:
+            return None
+        stream = self._open_stream_now()
+        stream._on_reply = on_reply
+        stream._reply_limit = max_reply
+        stream._write_final(data)
+        return stream
+
+    def _open_stream_now(self) -> QuicStream:
         if self._closed:
             raise self._close_error or TransportClosedError("the connection is closed")
         if self._remote_peer is None:
@@ -1574,6 +1625,7 @@ class QuicTransport(Transport):
         stream._on_data(b"", True)  # the request, read: its bytes count as consumed (window granted)
         stream._conn._on_consumed(stream.stream_id, len(data))
         stream._write_final(response)
+        stream._discard = True
         return True
 
     def _spawn_handler(self, stream: QuicStream) -> None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
 
-from coordinator_free_dht.errors import IncompleteReadError
+from coordinator_free_dht.errors import IncompleteReadError, TransportError
 from coordinator_free_dht.identity import PeerID
 
 TransportKind = Literal["quic", "tls", "mem"]
@@ -162,6 +162,17 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def is_closed(self) -> bool:
         """True once the connection can no longer open or carry streams."""
+
+    def send_request_nowait(
+        self, data: bytes, on_reply: Callable[[bytes | TransportError], None], max_reply: int
+    ) -> Stream | None:
+        """Open a stream, send ``data`` and our end of stream now, without waiting; ``None`` if this
+        connection cannot (closed, or a transport without this fast path: use :meth:`open_stream`).
+
+        ``on_reply`` is called once, from the event loop (never from here): with everything the peer sent
+        once it ended its side, or with the error that ended the stream (a reply over ``max_reply`` bytes
+        resets it). Resetting the returned stream cancels the request: ``on_reply`` is not called after."""
+        return None
 
     @abc.abstractmethod
     async def open_stream(self) -> Stream:
