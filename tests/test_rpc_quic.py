@@ -173,6 +173,38 @@ async def test_start_unary_answers_without_a_task_over_a_live_connection(net: Sw
     assert "size limit" in str(error)
 
 
+async def test_a_request_cancelled_in_its_own_packet_is_not_answered_and_breaks_nothing(net: Swarm) -> None:
+    # start_unary then cancel in the same loop turn: the request, its FIN and our STOP_SENDING leave in one
+    # packet, so the server reads the whole request on a stream it may no longer answer.
+    server = net.make()
+    served: list[Any] = []
+
+    def record(ctx: CallContext, request: Any) -> Any:
+        served.append(request)
+        return request
+
+    server.register_unary_inline("record", record)
+    info = await net.start(server)
+    client, _ = await net.peer()
+    assert await client.call_unary(info, "record", "warm", timeout=5) == "warm"
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        for i in range(5):
+            outcome = Outcome()
+            call = client.start_unary(info, "record", i, timeout=5, on_done=outcome)
+            assert call is not None
+            call.cancel()
+        await asyncio.sleep(0.3)
+        assert outcome.calls == []
+        assert await client.call_unary(info, "record", "after", timeout=5) == "after"
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
+    assert served[-1] == "after"
+
+
 async def test_start_unary_fails_with_the_connection_and_retries_an_idle_close(net: Swarm) -> None:
     from coordinator_free_dht.net.quic import _IDLE_CLOSE, QuicTransport
 

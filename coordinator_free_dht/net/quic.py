@@ -644,10 +644,18 @@ class QuicStream(Stream):
             raise self._error
 
     def _write_final(self, data: bytes) -> None:
-        """Send ``data`` and our FIN now, without waiting (a response whose size the RPC bounds)."""
+        """Send ``data`` and our FIN now, without waiting (a response whose size the RPC bounds).
+
+        The peer may have stopped the stream already (its STOP_SENDING processed in the same batch of
+        datagrams as the request, e.g. a lookup that ended and cancelled this request): aioquic then refuses
+        the write, and the stream ends here as reset."""
         self._write_closed = True
         self._written += len(data)
-        self._conn._quic.send_stream_data(self.stream_id, data, end_stream=True)
+        try:
+            self._conn._quic.send_stream_data(self.stream_id, data, end_stream=True)
+        except (RuntimeError, ValueError, AssertionError):
+            self._fail(StreamResetError("the peer stopped the stream before its reply"))
+            return
         self._conn._schedule_send()
         self._conn._maybe_finished(self)
 
