@@ -12,8 +12,8 @@ its messages over :class:`~coordinator_free_dht.net.rpc.RPC` and runs the timers
   one traversal; a value found remotely is cached here and at the closest node that lacked it (section 2.3).
 - **Bootstrap** (section 2.3, "to join the network"): ping the initial peers with retry and exponential
   backoff (:class:`~coordinator_free_dht.errors.BootstrapError` if none ever answers), then look up our own id
-  and a few far-away ids, then ping the contacts those lookups named that the table has room for
-  (:attr:`NodeConfig.join_fill`).
+  and a few far-away ids; joined. Then, in the background, ping the contacts those lookups named that the table
+  has room for (:attr:`NodeConfig.join_fill`; :meth:`DHTNode.settled` waits for it).
 - **Maintenance** (sections 2.3, 2.5): periodic bucket refresh, republication of our own records, expiry, and
   a new join through the bootstrap peers if every contact failed;
   ping-before-evict and handing keys to newly joined nearer nodes run as background tasks when the core
@@ -112,7 +112,9 @@ class NodeConfig:
     walk to a random id asks ~20 nodes in turn where a few answers already name them."""
     join_fill: bool = True
     """After those lookups, ping the contacts they named that we have not met and that our table has room
-    for (at most :attr:`join_fill_parallel` at once), so that we are in their tables and they in ours. A
+    for (at most :attr:`join_fill_parallel` at once), so that we are in their tables and they in ours. It runs
+    in the background once the join is done (the node is usable meanwhile; :meth:`DHTNode.settled` waits for
+    it): in a large network it pings a few hundred contacts, seconds on internet round trips. A
     store reaches its replicas in one round only if the writer already knows and is connected to the
     ``num_replicas`` nodes nearest to the key; with the join lookups alone a node of a 64-node network met
     ~38 of the 63 others, and half of all stores needed a second round to nodes never met (each a new
@@ -258,6 +260,7 @@ class DHTNode:
         self._background = 0
         self._inflight: dict[tuple[int, bool], asyncio.Future[Entry | None]] = {}
         self._joined: set[asyncio.Future[Entry | None]] = set()  # in-flight gets that others joined
+        self._filling: asyncio.Task[Any] | None = None  # the table fill after joining (see settled())
         self._rtt = _RTTEstimator()
         self._registered = False
         self._closing = False
@@ -391,21 +394,21 @@ class DHTNode:
         for task in list(self._tasks):
             task.cancel()
 
-    def _spawn(self, coro: Any, name: str, counted: bool = True) -> bool:
+    def _spawn(self, coro: Any, name: str, counted: bool = True) -> asyncio.Task[Any] | None:
         tg = self._tg
         if tg is None or self._closing:
             coro.close()
-            return False
+            return None
         if counted:
             if self._background >= self.config.max_background_tasks:
                 coro.close()
                 self.stats.background_dropped += 1
-                return False
+                return None
             self._background += 1
         task = tg.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._task_done(t, counted))
-        return True
+        return task
 
     def _task_done(self, task: asyncio.Task[Any], counted: bool) -> None:
         self._tasks.discard(task)
@@ -699,9 +702,26 @@ class DHTNode:
             refresh.append(own ^ (1 << bit) ^ self.rng.getrandbits(bit))
         learned: dict[int, Address] = {}
         await self._traverse([own, *refresh], k=[None] + [self.config.join_refresh_k] * len(refresh), learned=learned)
-        if self.config.join_fill:
-            await self._fill(learned)
         logger.info("joined the DHT: %d contacts", self.routing_table_size)
+        if self.config.join_fill and learned and (self._filling is None or self._filling.done()):
+            self._filling = self._spawn(self._fill_in_background(learned), "dht table fill", counted=False)
+
+    async def settled(self) -> None:
+        """Wait until the table fill that follows joining (:attr:`NodeConfig.join_fill`) has finished; returns
+        at once if none is running. The fill is bounded: each ping by about two round trips (at least 1 s),
+        the whole fill by :attr:`NodeConfig.operation_timeout`."""
+        task = self._filling
+        if task is not None and not task.done():
+            async with asyncio.timeout(self.config.operation_timeout):
+                await asyncio.shield(task)
+
+    async def _fill_in_background(self, learned: dict[int, Address]) -> None:
+        try:
+            async with asyncio.timeout(self.config.operation_timeout):
+                await self._fill(learned)
+        except TimeoutError:
+            logger.warning("the table fill after joining did not finish within %gs", self.config.operation_timeout)
+        logger.info("table filled: %d contacts", self.routing_table_size)
 
     async def _fill(self, learned: dict[int, Address]) -> None:
         """Ping the ``learned`` contacts our table has room for (see :attr:`NodeConfig.join_fill`)."""

@@ -3,7 +3,9 @@
 N nodes join (node 0 first, then all others at once through it); then ``--ops`` stores and ``--ops`` gets
 from random nodes, first one at a time, then with ``--concurrency`` in flight. Reported: success rate,
 p50/p95 latency of stores and gets (sequential phase under the plain keys, the concurrent phase under
-``concurrent_*``), operations per second, the time until all N nodes had joined, and memory per node.
+``concurrent_*``), operations per second, the time until all N nodes had joined (``bootstrap_s``: every
+``async with DHTNode(...)`` returned), the time until their background table fill had ended too (``settled_s``,
+see ``NodeConfig.join_fill``; the operations start after it), and memory per node.
 
 ``--processes`` runs every node in its own process, driven over JSON lines; latencies are measured inside the
 node's process, so they exclude the driver's pipes. Each node process runs like the standalone node
@@ -184,6 +186,8 @@ async def bench_one_process(args: argparse.Namespace) -> dict[str, Any]:
         bootstrap_s = time.perf_counter() - started
         bootstrap_cpu_s = time.process_time() - cpu_started
         nodes = [first, *others]
+        await asyncio.gather(*(node.settled() for node in nodes))
+        settled_s = time.perf_counter() - started
 
         async def run(index: int, op: dict[str, Any]) -> dict[str, Any]:
             return await run_op(nodes[index], op)
@@ -193,6 +197,7 @@ async def bench_one_process(args: argparse.Namespace) -> dict[str, Any]:
         result.update(
             bootstrap_s=round(bootstrap_s, 3),
             bootstrap_cpu_s=round(bootstrap_cpu_s, 3),
+            settled_s=round(settled_s, 3),
             rss_mb_per_node=round(rss / len(nodes), 2),
             rss_mb_process=round(rss, 1),
             table_size_mean=round(sum(n.routing_table_size for n in nodes) / len(nodes), 1),
@@ -213,6 +218,8 @@ async def serve_node(args: argparse.Namespace, reader: asyncio.StreamReader, out
             out((json.dumps(message) + "\n").encode())
 
         reply({"address": str(node.peer_addresses[0])})
+        await node.settled()
+        reply({"settled": node.routing_table_size})
 
         async def serve(op: dict[str, Any]) -> None:
             result = await run_op(node, op)
@@ -300,6 +307,11 @@ class WorkerHandle:
         address: str = json.loads(line)["address"]
         return address
 
+    async def settled(self) -> None:
+        line = await self.reader.readline()
+        if not line or "settled" not in json.loads(line):
+            raise RuntimeError("a node process exited before its table fill ended")
+
     async def read_replies(self) -> None:
         while line := await self.reader.readline():
             message = json.loads(line)
@@ -379,6 +391,9 @@ async def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
             async with asyncio.timeout(300):
                 await asyncio.gather(*(h.address() for h in rest))
             joined = time.perf_counter()
+            async with asyncio.timeout(300):
+                await asyncio.gather(*(h.settled() for h in handles))
+            settled = time.perf_counter()
             async with asyncio.TaskGroup() as tg:
                 readers = [tg.create_task(h.read_replies()) for h in handles]
 
@@ -414,6 +429,7 @@ async def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
         process_start="spawn" if args.spawn else "fork",
         bootstrap_s=round(joined - (started if args.spawn else processes_started), 3),
         bootstrap_with_startup_s=round(joined - started, 3),
+        settled_s=round(settled - (started if args.spawn else processes_started), 3),
         rss_mb_per_node=round(sum(rss) / len(rss), 2),
         rss_mb_max=round(max(rss), 2),
         uss_mb_per_node=round(sum(uss) / len(uss), 2),

@@ -56,6 +56,7 @@ class Net:
         config: NodeConfig | None = None,
         bootstrap: list[PeerAddress] | None = None,
         client: bool = False,
+        settle: bool = True,
     ) -> DHTNode:
         identity = self.identity()
         config = config or NodeConfig()
@@ -68,6 +69,8 @@ class Net:
             identity, rpc, bootstrap=bootstrap, clock=self.clock, rng=random.Random(self.rng.random()), config=config
         )
         await self.stack.enter_async_context(node)
+        if settle:
+            await node.settled()  # the tests build networks whose nodes finished joining, table fill included
         if not client:
             self.nodes.append(node)
         return node
@@ -553,6 +556,23 @@ def test_rtt_estimator_backs_off_while_our_loop_is_behind() -> None:
     assert rtt.timeout(0.5, 5.0) == 5.0  # still never beyond the RPC deadline
     rtt.sample(0.01)  # a reply: the backoff ends, the measured round trips decide again
     assert rtt.timeout(0.5, 5.0) == 0.5
+
+
+@virtual_time
+async def test_join_returns_before_the_table_fill_and_settled_waits_for_it() -> None:
+    async with swarm(seed=23, latency=0.02) as net:
+        nodes = await net.grow(30)
+        newcomer = await net.node(settle=False)
+        filling = newcomer._filling
+        assert filling is not None
+        assert not filling.done()  # joined (usable) while the fill still pings
+        before = newcomer.routing_table_size
+        assert await newcomer.store("early", 1, net.now() + TTL)
+        await newcomer.settled()
+        assert filling.done()
+        assert newcomer.routing_table_size > before
+        assert newcomer.routing_table_size >= len(nodes) - 2  # nearly all 30 others
+        await newcomer.settled()  # at once when no fill runs
 
 
 @virtual_time
