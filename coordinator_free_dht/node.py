@@ -531,7 +531,11 @@ class DHTNode:
             failure = error if isinstance(error, DHTError) else DHTProtocolError(f"{type(error).__name__}: {error}")
             queue.put_nowait((node_id, address, indices, failure, 0.0, carried))
 
-        pending = self.rpc.start_unary(peer, METHOD, request, timeout=self.config.rpc_timeout, on_done=done)
+        try:
+            pending = self.rpc.start_unary(peer, METHOD, request, timeout=self.config.rpc_timeout, on_done=done)
+        except DHTError as exc:  # as _find reports what call_unary raises (a request over the size limit)
+            queue.put_nowait((node_id, address, indices, exc, 0.0, carried))
+            return None
         if pending is not None:
             self.stats.requests_sent += 1
             return pending
