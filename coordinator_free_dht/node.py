@@ -924,12 +924,14 @@ class DHTNode:
             # We were first to ask for these keys: the traversal runs in our task (no task, no shield on
             # the common path); gets of the same keys meanwhile wait on its futures (see _fetch).
             await self._fetch(mine, mine_raw, latest, owned=True)
-        if waits:
+        for index, key_id in enumerate(key_ids):
+            if key_id in mine:
+                entries[index] = mine[key_id].result()  # resolved by our own _fetch (or raises its error)
+        if len(waits) > len(mine):
             async with asyncio.timeout(self.config.operation_timeout):
                 for index, key_id in enumerate(key_ids):
-                    if key_id in waits:
-                        future = waits[key_id]
-                        entries[index] = future.result() if key_id in mine else await asyncio.shield(future)
+                    if key_id in waits and key_id not in mine:
+                        entries[index] = await asyncio.shield(waits[key_id])
         return [_decode_entry(entry) if entry is not None else None for entry in entries]
 
     async def _fetch(
