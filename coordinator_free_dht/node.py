@@ -122,6 +122,14 @@ class NodeConfig:
     bucket) bound the fill: in a large network it pings at most the room its buckets have left."""
     join_fill_parallel: int = 8
     """Fill pings in flight at once."""
+    background_busy_lag: float = 0.005
+    """Background work (the table fill) yields to foreground work: before each of its requests it waits while
+    one turn of the event loop takes longer than this many seconds (the loop has that much queued work:
+    lookups, stores, whatever else the process runs), checking again every few turns. 0: never wait. In a
+    64-node swarm joining on one loop, the fills of the first nodes that joined otherwise held up the joins of
+    the others by ~3 s."""
+    background_patience: float = 10.0
+    """Seconds a background request waits at most for the loop to be idle, then goes anyway."""
     maintenance_interval: float = 60.0
     """Seconds between maintenance passes (expiry, republication, bucket refresh)."""
     max_background_tasks: int = 256
@@ -738,6 +746,7 @@ class DHTNode:
 
         async def fill(node_id: int, address: Address) -> None:
             async with gate:
+                await _until_loop_idle(self.config.background_busy_lag, self.config.background_patience)
                 # Checked when the ping is due: the pings before it may have filled the bucket.
                 if protocol.worth_meeting(node_id, self.clock.time()):
                     # A contact heard of from others may have left: its ping waits about two of our round
@@ -1029,6 +1038,25 @@ class DHTNode:
             except ValueError:
                 continue
         return peers
+
+
+async def _until_loop_idle(busy_lag: float, patience: float) -> None:
+    """Return once a turn of the running loop takes less than ``busy_lag`` seconds (or after ``patience``).
+
+    A turn is measured by yielding once (``sleep(0)`` runs everything already queued before us); while busy,
+    wait a few such turns' worth before looking again."""
+    if busy_lag <= 0:
+        return
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + patience
+    while True:
+        started = loop.time()
+        await asyncio.sleep(0)
+        now = loop.time()
+        lag = now - started
+        if lag < busy_lag or now >= give_up:
+            return
+        await asyncio.sleep(min(0.1, 4 * lag, give_up - now))
 
 
 def _peer_info(node_id: int, address: Address) -> PeerInfo:

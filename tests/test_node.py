@@ -575,6 +575,43 @@ async def test_join_returns_before_the_table_fill_and_settled_waits_for_it() -> 
         await newcomer.settled()  # at once when no fill runs
 
 
+async def test_background_work_waits_while_the_loop_is_busy() -> None:
+    import time
+
+    from coordinator_free_dht.node import _until_loop_idle
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await _until_loop_idle(0.005, 5.0)  # an idle loop: at once
+    assert loop.time() - started < 0.05
+
+    async def hog(seconds: float) -> None:
+        # Foreground work that keeps every turn of the loop 10 ms long.
+        end = loop.time() + seconds
+        while loop.time() < end:
+            turn_ends = time.perf_counter() + 0.01
+            while time.perf_counter() < turn_ends:  # CPU work, without yielding
+                pass
+            await asyncio.sleep(0)
+
+    busy = asyncio.create_task(hog(0.3))
+    await asyncio.sleep(0)
+    started = loop.time()
+    await _until_loop_idle(0.005, 5.0)
+    assert busy.done()  # it went only once the hog stopped
+    assert loop.time() - started >= 0.25
+    busy = asyncio.create_task(hog(1.0))
+    await asyncio.sleep(0)
+    started = loop.time()
+    await _until_loop_idle(0.005, 0.2)  # patience: goes anyway
+    assert not busy.done()
+    assert 0.15 <= loop.time() - started < 0.6
+    started = loop.time()
+    await _until_loop_idle(0.0, 5.0)  # 0: never waits
+    assert loop.time() - started < 0.05
+    await busy
+
+
 @virtual_time
 async def test_join_fill_puts_the_whole_small_network_in_every_table() -> None:
     # A store reaches its replicas in one round when the writer already knows them: after joining (and
