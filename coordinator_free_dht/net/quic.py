@@ -731,18 +731,14 @@ class QuicStream(Stream):
         if self._error is not None:
             return
         callback, self._on_reply = self._on_reply, None
-        if callback is not None:
-            self._error = error
-            self._chunks.clear()
-            self._conn._maybe_finished(self)
-            callback(error)
-            return
         self._error = error
-        if isinstance(error, StreamResetError) or not self._eof:
+        if isinstance(error, StreamResetError) or not self._eof:  # a pending reply has no EOF yet
             self._chunks.clear()
         self._wake_reader()
         self._wake_writer()
         self._conn._maybe_finished(self)
+        if callback is not None:
+            callback(error)
 
     def _detach(self) -> None:
         """The handler is done with this stream: drop (and grant window for) anything still arriving."""

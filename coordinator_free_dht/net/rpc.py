@@ -1026,10 +1026,7 @@ class RPC:
             await self._refuse(chan, ErrorCode.EXHAUSTED, error_)
             return
 
-        loop = asyncio.get_running_loop()
-        timeout = config.max_timeout if header.timeout is None else min(header.timeout, config.max_timeout)
-        kind = stream.connection.remote_address.kind
-        context = CallContext(peer, header.method, loop.time() + timeout, header.metadata, kind)
+        context = self._call_context(stream, header)
         inline = self._inline.get(header.method)
         if (
             inline is not None
@@ -1047,6 +1044,19 @@ class RPC:
         """A whole unary request already read: answer it here (see :meth:`register_unary_inline`)."""
         final = self._inline_response(context, handler, request)
         await chan.finish_and_close(final, self.config.close_grace)
+
+    def _call_context(self, stream: Stream, header: CallHeader) -> CallContext:
+        """What the handler of the call ``header`` opened on ``stream`` knows; its deadline starts now."""
+        config = self.config
+        timeout = config.max_timeout if header.timeout is None else min(header.timeout, config.max_timeout)
+        connection = stream.connection
+        return CallContext(
+            connection.remote_peer,
+            header.method,
+            asyncio.get_running_loop().time() + timeout,
+            header.metadata,
+            connection.remote_address.kind,
+        )
 
     def _inline_response(self, context: CallContext, handler: InlineUnaryHandler, request: Frame) -> bytes:
         """Run an inline handler on a request frame; the encoded response (or error) frames."""
@@ -1075,9 +1085,7 @@ class RPC:
             return None
         config = self.config
         try:
-            decoder = config.decoder()
-            frames = decoder.feed(data)
-            decoder.check_complete()
+            frames = _whole_frames(data, config)
             if (
                 len(frames) != 3
                 or frames[0].kind is not FrameKind.HEADER
@@ -1098,16 +1106,7 @@ class RPC:
                 return None  # sending is switched off: the stream task waits for it
             if download is not None and not download.try_consume(len(data)):
                 return None  # over the receive budget: the stream task's read waits for it
-        timeout = config.max_timeout if header.timeout is None else min(header.timeout, config.max_timeout)
-        connection = stream.connection
-        context = CallContext(
-            connection.remote_peer,
-            header.method,
-            asyncio.get_running_loop().time() + timeout,
-            header.metadata,
-            connection.remote_address.kind,
-        )
-        final = self._inline_response(context, handler, frames[1])
+        final = self._inline_response(self._call_context(stream, header), handler, frames[1])
         if upload is not None:
             upload.charge(len(final))  # the response goes out now; the traffic after it waits if over budget
         return final
@@ -1267,6 +1266,14 @@ def _unary_frames(frames: list[Frame], result: object, method: str, limits: Any)
     return False, result
 
 
+def _whole_frames(data: bytes, config: RPCConfig) -> list[Frame]:
+    """The frames of everything one side sent on a stream (raises ProtocolError if a frame is cut off)."""
+    decoder = config.decoder()
+    frames = decoder.feed(data)
+    decoder.check_complete()
+    return frames
+
+
 _REPLY_SLACK = 1024  # bytes beyond max_message_size a unary reply may take (frame prefixes, END)
 
 
@@ -1341,10 +1348,7 @@ class PendingCall:
         if download is not None:
             download.charge(len(reply))  # it arrived already; the traffic after it waits if over budget
         try:
-            decoder = config.decoder()
-            frames = decoder.feed(reply)
-            decoder.check_complete()
-            ended, result = _unary_frames(frames, _END, method, config.msgpack_limits)
+            ended, result = _unary_frames(_whole_frames(reply, config), _END, method, config.msgpack_limits)
         except DHTError as exc:
             self._finish(None, exc)
             return
@@ -1354,16 +1358,15 @@ class PendingCall:
         self._finish(result, None)
 
     async def _call_again(self) -> None:
+        # The call's own timer still runs: it ends the call (and cancels this task) at the deadline.
         assert self._timer is not None
         remaining = self._timer.when() - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return
         try:
-            if remaining <= 0:
-                raise TimeoutError
             result = await self._rpc.call_unary(
                 self._peer, self._method, self._request, timeout=remaining, eager_eof=True
             )
-        except TimeoutError:
-            self._expire()
         except Exception as exc:  # every failure is the call's result, for on_done
             self._retry = None
             self._finish(None, exc)
@@ -1373,8 +1376,6 @@ class PendingCall:
 
     def _expire(self) -> None:
         self._timer = None
-        if self._retry is asyncio.current_task():
-            self._retry = None
         self._finish(
             None,
             DeadlineExceededError(
