@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Self
@@ -460,7 +460,11 @@ class DHTNode:
     ) -> tuple[object, float]:
         """Send one request (its deadline: ``deadline_s``, else the RPC timeout); returns the reply and our
         wall time when it was sent. Raises DHTError."""
-        peer = _peer_info(node_id, address)
+        return await self._call_peer(_peer_info(node_id, address), request, deadline_s)
+
+    async def _call_peer(
+        self, peer: PeerInfo, request: dict[str, Any], deadline_s: float | None = None
+    ) -> tuple[object, float]:
         sent_at = self.clock.time()
         self.stats.requests_sent += 1
         # eager_eof: our handler is inline (nothing to cancel), so our EOF rides with the request.
@@ -524,46 +528,41 @@ class DHTNode:
             self.clock.time(),
             [piggyback.records[j] for j in carried] if piggyback is not None else (),
         )
+
+        def report(reply: object, sent_at: float = 0.0) -> None:
+            queue.put_nowait((node_id, address, indices, reply, sent_at, carried))
+
         try:
             peer = _peer_info(node_id, address)
         except DHTProtocolError as exc:
-            queue.put_nowait((node_id, address, indices, exc, 0.0, carried))
+            report(exc)
             return None
         sent_at = self.clock.time()
 
         def done(reply: object, error: BaseException | None) -> None:
             if error is None:
                 self._rtt.sample(self.clock.time() - sent_at)
-                queue.put_nowait((node_id, address, indices, reply, sent_at, carried))
-                return
-            failure = error if isinstance(error, DHTError) else DHTProtocolError(f"{type(error).__name__}: {error}")
-            queue.put_nowait((node_id, address, indices, failure, 0.0, carried))
+                report(reply, sent_at)
+            else:
+                report(error if isinstance(error, DHTError) else DHTProtocolError(f"{type(error).__name__}: {error}"))
 
         try:
             pending = self.rpc.start_unary(peer, METHOD, request, timeout=self.config.rpc_timeout, on_done=done)
         except DHTError as exc:  # as _find reports what call_unary raises (a request over the size limit)
-            queue.put_nowait((node_id, address, indices, exc, 0.0, carried))
+            report(exc)
             return None
         if pending is not None:
             self.stats.requests_sent += 1
             return pending
-        return tg.create_task(self._find(node_id, address, indices, request, queue, carried))
+        return tg.create_task(self._find(peer, request, report))
 
-    async def _find(
-        self,
-        node_id: int,
-        address: Address,
-        indices: list[int],
-        request: dict[str, Any],
-        queue: asyncio.Queue[_Reply],
-        carried: list[int],
-    ) -> None:
+    async def _find(self, peer: PeerInfo, request: dict[str, Any], report: Callable[[object, float], None]) -> None:
         try:
-            reply, sent_at = await self._call(node_id, address, request)
+            reply, sent_at = await self._call_peer(peer, request)
         except DHTError as exc:
-            queue.put_nowait((node_id, address, indices, exc, 0.0, carried))
+            report(exc, 0.0)
             return
-        queue.put_nowait((node_id, address, indices, reply, sent_at, carried))
+        report(reply, sent_at)
 
     async def _traverse(
         self,
@@ -750,7 +749,7 @@ class DHTNode:
                 # Checked when the ping is due: the pings before it may have filled the bucket.
                 if protocol.worth_meeting(node_id, self.clock.time()):
                     # A contact heard of from others may have left: its ping waits about two of our round
-                    # trips (at least 1 s), not the whole RPC deadline, so dead ones hold up the join little.
+                    # trips (at least 1 s), not the whole RPC deadline, so dead ones hold up the fill little.
                     deadline = min(self.config.rpc_timeout, max(1.0, 2 * self._soft_timeout()))
                     await self._ping(node_id, address, deadline)
 
